@@ -1,1 +1,80 @@
-//! placeholder
+//! The command side of the CRM: HTTP front for commands (auth, idempotency,
+//! expected version, problem+json errors) over the event log.
+//!
+//! - [`app`]: shared state and the command context read from headers
+//! - [`auth`]: bearer tokens and roles
+//! - [`body`]: the JSON body extractor (limits, field-precise errors)
+//! - [`executor`]: load, decide, append, retry
+//! - [`cache`], [`locks`]: aggregate cache and per-stream serialisation
+//! - [`routes`]: one module per aggregate; [`openapi`]: the API document
+//! - [`problem`]: RFC 9457 errors
+
+pub mod app;
+pub mod auth;
+pub mod body;
+pub mod cache;
+pub mod executor;
+pub mod locks;
+pub mod openapi;
+pub mod problem;
+pub mod routes;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, patch, post};
+use axum::{Json, Router};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+
+pub use app::App;
+pub use auth::{Role, Tokens};
+pub use executor::Executor;
+use problem::Problem;
+use routes::{accounts, cases, contacts, health, leads, opportunities, streams};
+
+/// All command routes, raw history, health and the OpenAPI document.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/v1/leads", post(leads::capture))
+        .route("/v1/leads/{id}/qualify", post(leads::qualify))
+        .route("/v1/leads/{id}/disqualify", post(leads::disqualify))
+        .route("/v1/leads/{id}/convert", post(leads::convert))
+        .route("/v1/accounts", post(accounts::register))
+        .route("/v1/accounts/{id}", patch(accounts::update))
+        .route("/v1/contacts", post(contacts::create))
+        .route("/v1/contacts/{id}", patch(contacts::update))
+        .route("/v1/contacts/{id}/activities", post(contacts::log_activity))
+        .route("/v1/contacts/{id}/tasks/complete", post(contacts::complete_task))
+        .route("/v1/opportunities", post(opportunities::open))
+        .route("/v1/opportunities/{id}", patch(opportunities::update))
+        .route("/v1/opportunities/{id}/advance", post(opportunities::advance))
+        .route("/v1/opportunities/{id}/win", post(opportunities::win))
+        .route("/v1/opportunities/{id}/lose", post(opportunities::lose))
+        .route("/v1/opportunities/{id}/reopen", post(opportunities::reopen))
+        .route("/v1/cases", post(cases::open))
+        .route("/v1/cases/{id}/assign", post(cases::assign))
+        .route("/v1/cases/{id}/comment", post(cases::comment))
+        .route("/v1/cases/{id}/escalate", post(cases::escalate))
+        .route("/v1/cases/{id}/resolve", post(cases::resolve))
+        .route("/v1/cases/{id}/close", post(cases::close))
+        .route("/v1/cases/{id}/reopen", post(cases::reopen))
+        .route("/v1/streams/{stream_type}/{id}/events", get(streams::events))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/openapi.json", get(|| async { Json(openapi::ApiDoc::openapi()) }))
+        .fallback(|| async { Problem::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                "this route does not accept that method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
+        .layer(TraceLayer::new_for_http())
+        .layer(CatchPanicLayer::custom(|_panic| {
+            axum::response::IntoResponse::into_response(Problem::internal(&"handler panicked"))
+        }))
+        .with_state(app)
+}

@@ -1,1 +1,76 @@
-fn main() {}
+//! `crm`: the one binary a user installs. `crm serve` runs the service on the
+//! embedded store; `crm token issue` prints a bearer token.
+
+mod secret;
+mod serve;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use crm_command_service::{Role, Tokens};
+
+#[derive(Parser)]
+#[command(name = "crm", version, about = "CRM event store: commands, event log, audit trail")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service in one process on the embedded SQLite store.
+    Serve(serve::ServeArgs),
+    /// Bearer tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a signed token for an actor (just the token, on stdout).
+    Issue(IssueArgs),
+}
+
+/// Where the data (and the generated token secret) live.
+#[derive(Args, Clone)]
+pub struct DataArgs {
+    /// Directory of the embedded store and the generated token secret.
+    #[arg(long, env = "CRM_DATA_DIR", default_value = "./crm-data")]
+    pub data_dir: PathBuf,
+    /// Token signing secret (>= 32 bytes); by default generated into the data dir.
+    #[arg(long = "token-secret", env = "CRM_TOKEN_SECRET", hide_env_values = true)]
+    pub token_secret: Option<String>,
+}
+
+#[derive(Args)]
+struct IssueArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Who the token speaks for; recorded as the actor of every event.
+    #[arg(long)]
+    actor: String,
+    /// Role(s): admin, sales, support, viewer (repeat or comma-separate).
+    #[arg(long = "role", required = true, value_delimiter = ',')]
+    roles: Vec<Role>,
+    /// Days until the token expires.
+    #[arg(long, default_value_t = 30)]
+    days: i64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(serve::serve(args))
+        }
+        Command::Token(TokenCommand::Issue(args)) => {
+            let (secret, _) = secret::load_or_create(args.data.token_secret.as_deref(), &args.data.data_dir)?;
+            let tokens = Tokens::new(&secret)?;
+            let token = tokens.issue(&args.actor, &args.roles, chrono::Duration::days(args.days))?;
+            println!("{token}");
+            Ok(())
+        }
+    }
+}

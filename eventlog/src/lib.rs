@@ -1,1 +1,339 @@
-//! placeholder
+//! `crm-eventlog`: the CRM system of record. An append-only event log on sqlx with two
+//! interchangeable backends behind one [`EventLog`] handle:
+//!
+//! * **SQLite** (embedded default): WAL mode, `synchronous=FULL`, one writer connection owned
+//!   by a *group-commit* writer task (see [`sqlite`](crate::EventLog::open_sqlite)), a separate
+//!   read pool. Positions are assigned by the single writer, so they are contiguous and commit
+//!   ordered by construction.
+//! * **PostgreSQL**: appends run concurrently on a pool; positions are handed out from a one-row
+//!   `log_head` table under a row lock held until commit, so positions become visible strictly in
+//!   commit order and a reader paging by position never skips a late-committing event.
+//!   Commits `NOTIFY crm_eventlog_head`; a background listener moves [`EventLog::subscribe`].
+//!
+//! Also: idempotency records written in the same transaction as the events, snapshots, and an
+//! implementation of [`cqrs_es::persist::PersistedEventRepository`] (tenant `"default"`).
+
+mod cqrs;
+mod error;
+mod postgres;
+mod rows;
+mod sqlite;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod types;
+
+pub use cqrs::parse_event_version;
+pub use error::LogError;
+pub use postgres::HEAD_CHANNEL;
+pub use types::*;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+/// Tenant used by the `cqrs_es` repository implementation.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Snapshot write carried inside an append (same transaction as the events).
+#[derive(Clone, Debug)]
+pub(crate) struct SnapshotWrite {
+    pub tenant_id: String,
+    pub stream_type: String,
+    pub stream_id: String,
+    pub version: i64,
+    pub state: serde_json::Value,
+    /// Explicit snapshot counter (cqrs-es); `None` = previous + 1.
+    pub snapshot_no: Option<i64>,
+}
+
+/// A snapshot with its cqrs-es snapshot counter.
+#[derive(Clone, Debug)]
+pub(crate) struct StoredSnapshot {
+    pub version: i64,
+    pub state: serde_json::Value,
+    pub snapshot_no: i64,
+}
+
+enum Store {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
+}
+
+struct Inner {
+    store: Store,
+    head: watch::Sender<i64>,
+    closed: AtomicBool,
+}
+
+/// Handle to the event log. Cheap to clone (an `Arc` inside).
+#[derive(Clone)]
+pub struct EventLog {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog")
+            .field("backend", &self.backend())
+            .field("head", &*self.inner.head.borrow())
+            .finish()
+    }
+}
+
+impl EventLog {
+    /// Connects to `sqlite://<path>` (file created if missing), `sqlite::memory:`, or
+    /// `postgres://...` / `postgresql://...`, and runs the migrations.
+    pub async fn connect(url: &str) -> Result<Self, LogError> {
+        let lower = url.to_ascii_lowercase();
+        if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+            let (head_tx, _) = watch::channel(0);
+            let store = postgres::PgStore::connect(url, head_tx.clone()).await?;
+            Ok(Self::from_store(Store::Postgres(store), head_tx))
+        } else if lower.starts_with("sqlite:") {
+            let opts = sqlite::options_from_url(url)?;
+            Self::open_sqlite_with(opts).await
+        } else {
+            Err(LogError::InvalidUrl(url.to_string()))
+        }
+    }
+
+    /// Opens (creating if missing) an SQLite event log file and runs the migrations.
+    pub async fn open_sqlite(path: &Path) -> Result<Self, LogError> {
+        Self::open_sqlite_with(sqlite::options_from_path(path)).await
+    }
+
+    async fn open_sqlite_with(
+        opts: sqlx::sqlite::SqliteConnectOptions,
+    ) -> Result<Self, LogError> {
+        let (head_tx, _) = watch::channel(0);
+        let store = sqlite::SqliteStore::open(opts, head_tx.clone()).await?;
+        Ok(Self::from_store(Store::Sqlite(store), head_tx))
+    }
+
+    fn from_store(store: Store, head: watch::Sender<i64>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                head,
+                closed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Which database backs this log.
+    pub fn backend(&self) -> Backend {
+        match self.inner.store {
+            Store::Sqlite(_) => Backend::Sqlite,
+            Store::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    fn check_open(&self) -> Result<(), LogError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Err(LogError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Appends one batch atomically (one transaction across all its streams).
+    pub async fn append(&self, batch: AppendBatch) -> Result<AppendOutcome, LogError> {
+        self.append_with_snapshot(batch, None).await
+    }
+
+    pub(crate) async fn append_with_snapshot(
+        &self,
+        batch: AppendBatch,
+        snapshot: Option<SnapshotWrite>,
+    ) -> Result<AppendOutcome, LogError> {
+        self.check_open()?;
+        if batch.streams.is_empty() || batch.streams.iter().any(|s| s.events.is_empty()) {
+            return Err(LogError::EmptyAppend);
+        }
+        match &self.inner.store {
+            Store::Sqlite(s) => s.append(batch, snapshot).await,
+            Store::Postgres(s) => s.append(batch, snapshot, &self.inner.head).await,
+        }
+    }
+
+    /// Events of one stream with `version > after_version`, ascending, at most `limit`.
+    pub async fn read_stream(
+        &self,
+        tenant: &str,
+        stream_type: &str,
+        stream_id: &str,
+        after_version: i64,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        self.check_open()?;
+        match &self.inner.store {
+            Store::Sqlite(s) => {
+                s.read_stream(tenant, stream_type, stream_id, after_version, limit)
+                    .await
+            }
+            Store::Postgres(s) => {
+                s.read_stream(tenant, stream_type, stream_id, after_version, limit)
+                    .await
+            }
+        }
+    }
+
+    /// Current version of a stream; 0 when the stream does not exist.
+    pub async fn stream_version(
+        &self,
+        tenant: &str,
+        stream_type: &str,
+        stream_id: &str,
+    ) -> Result<i64, LogError> {
+        self.check_open()?;
+        match &self.inner.store {
+            Store::Sqlite(s) => s.stream_version(tenant, stream_type, stream_id).await,
+            Store::Postgres(s) => s.stream_version(tenant, stream_type, stream_id).await,
+        }
+    }
+
+    /// Global feed: events with `position > after_position`, ascending, at most `limit`.
+    /// Gap-free: an event never becomes visible after an event with a higher position was seen.
+    pub async fn read_all(
+        &self,
+        after_position: i64,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        self.check_open()?;
+        match &self.inner.store {
+            Store::Sqlite(s) => s.read_all(after_position, limit).await,
+            Store::Postgres(s) => s.read_all(after_position, limit).await,
+        }
+    }
+
+    /// Events of one stream type of a tenant (all stream ids) with `position > after_position`,
+    /// ascending by position, at most `limit`.
+    pub async fn read_stream_type(
+        &self,
+        tenant: &str,
+        stream_type: &str,
+        after_position: i64,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        self.check_open()?;
+        match &self.inner.store {
+            Store::Sqlite(s) => {
+                s.read_stream_type(tenant, stream_type, after_position, limit)
+                    .await
+            }
+            Store::Postgres(s) => {
+                s.read_stream_type(tenant, stream_type, after_position, limit)
+                    .await
+            }
+        }
+    }
+
+    /// Position of the last committed event (0 = empty log).
+    pub async fn head_position(&self) -> Result<i64, LogError> {
+        self.check_open()?;
+        match &self.inner.store {
+            Store::Sqlite(s) => s.head_position().await,
+            Store::Postgres(s) => s.head_position().await,
+        }
+    }
+
+    /// Watch of the latest committed head position. Moves after every commit by this process
+    /// and, on PostgreSQL, after commits by other processes (LISTEN/NOTIFY).
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.inner.head.subscribe()
+    }
+
+    /// The stored idempotency record for `key`, if any.
+    pub async fn idempotency_record(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, LogError> {
+        self.check_open()?;
+        match &self.inner.store {
+            Store::Sqlite(s) => s.idempotency_record(tenant, key).await,
+            Store::Postgres(s) => s.idempotency_record(tenant, key).await,
+        }
+    }
+
+    /// The stored snapshot of a stream, if any.
+    pub async fn load_snapshot(
+        &self,
+        tenant: &str,
+        stream_type: &str,
+        stream_id: &str,
+    ) -> Result<Option<Snapshot>, LogError> {
+        Ok(self
+            .load_stored_snapshot(tenant, stream_type, stream_id)
+            .await?
+            .map(|s| Snapshot {
+                version: s.version,
+                state: s.state,
+            }))
+    }
+
+    pub(crate) async fn load_stored_snapshot(
+        &self,
+        tenant: &str,
+        stream_type: &str,
+        stream_id: &str,
+    ) -> Result<Option<StoredSnapshot>, LogError> {
+        self.check_open()?;
+        match &self.inner.store {
+            Store::Sqlite(s) => s.load_snapshot(tenant, stream_type, stream_id).await,
+            Store::Postgres(s) => s.load_snapshot(tenant, stream_type, stream_id).await,
+        }
+    }
+
+    /// Stores a snapshot. Only the newest is kept: a snapshot with a lower version than the
+    /// stored one is ignored.
+    pub async fn save_snapshot(
+        &self,
+        tenant: &str,
+        stream_type: &str,
+        stream_id: &str,
+        snapshot: Snapshot,
+    ) -> Result<(), LogError> {
+        self.save_stored_snapshot(SnapshotWrite {
+            tenant_id: tenant.to_string(),
+            stream_type: stream_type.to_string(),
+            stream_id: stream_id.to_string(),
+            version: snapshot.version,
+            state: snapshot.state,
+            snapshot_no: None,
+        })
+        .await
+    }
+
+    pub(crate) async fn save_stored_snapshot(&self, snap: SnapshotWrite) -> Result<(), LogError> {
+        self.check_open()?;
+        match &self.inner.store {
+            Store::Sqlite(s) => s.save_snapshot(snap).await,
+            Store::Postgres(s) => s.save_snapshot(snap).await,
+        }
+    }
+
+    /// Graceful shutdown: waits for queued appends to commit, then closes all connections.
+    /// Later calls on any clone return [`LogError::Closed`]. Idempotent.
+    pub async fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        match &self.inner.store {
+            Store::Sqlite(s) => s.close().await,
+            Store::Postgres(s) => s.close().await,
+        }
+    }
+}
+
+/// Raises the watched head to `pos` if it is higher (never moves backwards).
+pub(crate) fn bump_head(head: &watch::Sender<i64>, pos: i64) {
+    head.send_if_modified(|h| {
+        if pos > *h {
+            *h = pos;
+            true
+        } else {
+            false
+        }
+    });
+}

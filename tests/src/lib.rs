@@ -1,1 +1,246 @@
-//! placeholder
+//! Harness for end-to-end tests: starts the real `crm` binary as a child
+//! process on a fresh data dir (SQLite) or a fresh PostgreSQL database, and
+//! talks to it over HTTP on a real socket.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use crm_eventlog::testing::PgTestDb;
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Which event log the server runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Path of the `crm` binary cargo built next to this test executable.
+pub fn crm_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("CRM_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/crm
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir");
+    let binary = profile_dir.join(format!("crm{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        binary.exists(),
+        "{} is missing: run the whole suite with `cargo test --workspace` (it builds the binary)",
+        binary.display()
+    );
+    binary
+}
+
+/// A running `crm serve`.
+pub struct Server {
+    child: Child,
+    pub base_url: String,
+    pub data_dir: TempDir,
+    pub stdout_lines: Vec<String>,
+    database_url: Option<String>,
+    pg: Option<PgTestDb>,
+    pub http: reqwest::Client,
+    pub admin_token: String,
+}
+
+impl Server {
+    /// Starts a server on `backend`; None only when PostgreSQL is unreachable
+    /// outside CI (in CI that panics, naming the service).
+    pub async fn start(backend: Backend) -> Option<Server> {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let (pg, database_url) = match backend {
+            Backend::Sqlite => (None, None),
+            Backend::Postgres => {
+                let db = PgTestDb::create().await?;
+                let url = db.url.clone();
+                (Some(db), Some(url))
+            }
+        };
+        let mut server = Self::spawn(data_dir, database_url, pg).await.expect("crm serve starts");
+        server.admin_token = server.token("test-admin", "admin").await.expect("token");
+        Some(server)
+    }
+
+    async fn spawn(data_dir: TempDir, database_url: Option<String>, pg: Option<PgTestDb>) -> anyhow::Result<Server> {
+        let mut command = Command::new(crm_binary());
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .arg("--http-addr")
+            .arg("127.0.0.1:0")
+            .env_remove("CRM_TOKEN_SECRET")
+            .env_remove("CRM_DATABASE_URL")
+            .env("CRM_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if let Some(url) = &database_url {
+            command.env("CRM_DATABASE_URL", url);
+        }
+        let mut child = command.spawn().context("spawning crm serve")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let mut stdout_lines = Vec::new();
+        let base_url = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await? {
+                stdout_lines.push(line.clone());
+                if let Some(address) = line.strip_prefix("crm listening on ") {
+                    return Ok(address.trim().to_string());
+                }
+            }
+            bail!("crm serve exited before listening")
+        })
+        .await
+        .context("crm serve did not start within 60 s")??;
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Server {
+            child,
+            base_url,
+            data_dir,
+            stdout_lines,
+            database_url,
+            pg,
+            http: reqwest::Client::new(),
+            admin_token: String::new(),
+        })
+    }
+
+    /// A token from `crm token issue`, signed with this server's secret.
+    pub async fn token(&self, actor: &str, role: &str) -> anyhow::Result<String> {
+        let output = Command::new(crm_binary())
+            .args(["token", "issue", "--actor", actor, "--role", role, "--data-dir"])
+            .arg(self.data_dir.path())
+            .env_remove("CRM_TOKEN_SECRET")
+            .output()
+            .await?;
+        if !output.status.success() {
+            bail!("crm token issue failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8(output.stdout)?.trim().to_string())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// Sends `body` with the admin token.
+    pub async fn send(&self, method: reqwest::Method, path: &str, body: &Value) -> Reply {
+        self.request(method, path, &self.admin_token, |request| request.json(body)).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Reply {
+        self.send(reqwest::Method::POST, path, body).await
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.request(reqwest::Method::GET, path, &self.admin_token, |request| request).await
+    }
+
+    /// Any request: `build` adds body and headers.
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        build: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Reply {
+        let request = self.http.request(method, self.url(path)).bearer_auth(token);
+        let response = build(request).send().await.expect("the server answers");
+        Reply::read(response).await
+    }
+
+    /// Position of the newest event in the log.
+    pub async fn head(&self) -> i64 {
+        let reply = self.get("/readyz").await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        reply.body["head_position"].as_i64().expect("head_position")
+    }
+
+    /// The raw events of one stream.
+    pub async fn events(&self, stream_type: &str, id: &str) -> Vec<Value> {
+        let reply = self.get(&format!("/v1/streams/{stream_type}/{id}/events?limit=1000")).await;
+        if reply.status == 404 {
+            return Vec::new();
+        }
+        assert_eq!(reply.status, 200, "{reply:?}");
+        reply.body["events"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        }
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("crm serve stops within 30 s of SIGTERM")
+            .expect("exit status")
+    }
+
+    /// Stops and starts again on the same data.
+    pub async fn restart(mut self) -> Server {
+        let status = self.stop().await;
+        assert!(status.success(), "crm serve exited with {status}");
+        let token = std::mem::take(&mut self.admin_token);
+        let mut next = Self::spawn(self.data_dir, self.database_url.take(), self.pg.take())
+            .await
+            .expect("crm serve restarts");
+        next.admin_token = token;
+        next
+    }
+
+    /// Stops the server and drops its PostgreSQL database, if any.
+    pub async fn finish(mut self) {
+        self.stop().await;
+        if let Some(pg) = self.pg.take() {
+            pg.drop_db().await;
+        }
+    }
+}
+
+/// Status, headers and decoded body of a response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    async fn read(response: reqwest::Response) -> Reply {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.expect("body");
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        Reply { status, headers, body }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+
+    /// The `id` of a command answer.
+    pub fn id(&self) -> String {
+        self.body["id"].as_str().unwrap_or_else(|| panic!("no id in {self:?}")).to_string()
+    }
+
+    /// Asserts a problem+json answer with `status` and returns the fields at fault.
+    pub fn problem(&self, status: u16) -> Vec<String> {
+        assert_eq!(self.status, status, "{self:?}");
+        assert_eq!(self.header("content-type"), Some("application/problem+json"), "{self:?}");
+        assert_eq!(self.body["status"], status, "{self:?}");
+        assert!(self.body["title"].is_string() && self.body["type"].is_string() && self.body["detail"].is_string());
+        self.body["errors"]
+            .as_array()
+            .map(|errors| errors.iter().filter_map(|e| e["field"].as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,458 @@
+//! Runs a command against an aggregate: idempotency, expected version, load
+//! (cache + catch-up), decide, append in one transaction, retry on conflict.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use crm_domain::aggregate::CrmAggregate;
+use crm_domain::error::DomainError;
+use crm_eventlog::{
+    AppendBatch, AppendOutcome, EventLog, ExpectedVersion, IdempotencyRecord, LogError, NewEvent,
+    NewIdempotencyRecord, Snapshot, StreamAppend,
+};
+use cqrs_es::DomainEvent;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::auth::Actor;
+use crate::cache::{cache_key, Caches, Loaded, Stream};
+use crate::locks::StreamLocks;
+use crate::problem::Problem;
+
+/// How many times a command is re-run after losing a race with another writer.
+const MAX_ATTEMPTS: usize = 8;
+/// Events read per query while catching an aggregate up.
+const CATCH_UP_PAGE: i64 = 500;
+
+/// Who sent a command, how, and under which preconditions.
+#[derive(Debug, Clone)]
+pub struct CommandContext {
+    pub actor: Actor,
+    /// `<stream type>.<command>`, e.g. `opportunity.advance`.
+    pub command: String,
+    pub command_id: Uuid,
+    pub now: DateTime<Utc>,
+    pub idempotency_key: Option<String>,
+    pub if_match: Option<i64>,
+    pub request_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub client: Option<String>,
+    /// Fingerprint of the body alone: tells a repeated create from a different one.
+    pub body_hash: String,
+    /// Fingerprint of method, route and body: tells an idempotent retry from key reuse.
+    pub request_hash: String,
+}
+
+impl CommandContext {
+    fn metadata(&self) -> Value {
+        let roles: Vec<&str> = self.actor.roles.iter().map(|role| role.as_str()).collect();
+        json!({
+            "actor": self.actor.name,
+            "roles": roles,
+            "command": self.command,
+            "command_id": self.command_id,
+            "causation_id": self.command_id,
+            "correlation_id": self.correlation_id.clone().unwrap_or_else(|| self.command_id.to_string()),
+            "idempotency_key": self.idempotency_key,
+            "client": self.client,
+            "request_id": self.request_id,
+            "body_hash": self.body_hash,
+        })
+    }
+}
+
+/// Whether a command creates its aggregate or acts on an existing one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Create,
+    Update,
+}
+
+/// What a command route answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub status: StatusCode,
+    pub stream_type: String,
+    pub id: String,
+    pub version: i64,
+    pub position: i64,
+    /// True when this answer repeats an earlier one (idempotent retry or repeated create).
+    pub replayed: bool,
+}
+
+impl Outcome {
+    fn from_record(record: &IdempotencyRecord) -> Self {
+        Self {
+            status: StatusCode::from_u16(record.status).unwrap_or(StatusCode::OK),
+            stream_type: record.stream_type.clone(),
+            id: record.stream_id.clone(),
+            version: record.version,
+            position: record.position,
+            replayed: true,
+        }
+    }
+}
+
+/// One stream's share of an append, with what to put in the cache on success.
+pub struct Staged {
+    pub stream_type: &'static str,
+    pub stream_id: String,
+    pub expected_version: i64,
+    pub events: Vec<NewEvent>,
+}
+
+/// Executes commands against the log.
+pub struct Executor {
+    log: EventLog,
+    caches: Caches,
+    locks: StreamLocks,
+    snapshot_every: i64,
+    events_loaded: AtomicU64,
+}
+
+impl Executor {
+    pub fn new(log: EventLog) -> Self {
+        Self {
+            log,
+            caches: Caches::default(),
+            locks: StreamLocks::default(),
+            snapshot_every: 100,
+            events_loaded: AtomicU64::new(0),
+        }
+    }
+
+    /// Snapshot every `every` events (tests use small values).
+    pub fn with_snapshot_every(mut self, every: i64) -> Self {
+        self.snapshot_every = every.max(1);
+        self
+    }
+
+    /// Without the in-memory cache: each load starts from the snapshot (tests).
+    pub fn with_cache_capacity(mut self, per_type: u64) -> Self {
+        self.caches = Caches::new(per_type);
+        self
+    }
+
+    pub fn log(&self) -> &EventLog {
+        &self.log
+    }
+
+    /// Events read from the log to rebuild aggregates since start (a cost gauge).
+    pub fn events_loaded(&self) -> u64 {
+        self.events_loaded.load(Ordering::Relaxed)
+    }
+
+    /// Answers a retry with the first outcome, or refuses a reused key.
+    pub async fn replay(&self, ctx: &CommandContext) -> Result<Option<Outcome>, Problem> {
+        let Some(key) = &ctx.idempotency_key else {
+            return Ok(None);
+        };
+        let record = self
+            .log
+            .idempotency_record(&ctx.actor.tenant, key)
+            .await
+            .map_err(|error| Problem::internal(&error))?;
+        record.map(|record| replayed(ctx, &record)).transpose()
+    }
+
+    /// Runs commands on one aggregate, all or nothing (a PATCH may be several).
+    pub async fn execute<A: Stream>(
+        &self,
+        ctx: &CommandContext,
+        stream_id: Uuid,
+        commands: Vec<A::Command>,
+        mode: Mode,
+    ) -> Result<Outcome, Problem>
+    where
+        A::Command: Clone,
+    {
+        if let Some(outcome) = self.replay(ctx).await? {
+            return Ok(outcome);
+        }
+        let stream_id = stream_id.to_string();
+        let _turn = self.locks.lock(A::TYPE, &stream_id).await;
+        for attempt in 1..=MAX_ATTEMPTS {
+            let loaded = self.load::<A>(&ctx.actor.tenant, &stream_id).await?;
+            if let Some(outcome) = self.check_existence(ctx, &loaded, &stream_id, mode).await? {
+                return Ok(outcome);
+            }
+            check_if_match(ctx, loaded.version)?;
+            let mut state = loaded.state.clone();
+            let mut events = Vec::new();
+            for command in commands.iter().cloned() {
+                let decided = state.decide(command).map_err(domain_problem)?;
+                for event in &decided {
+                    state.apply(event.clone());
+                }
+                events.extend(decided);
+            }
+            if events.is_empty() {
+                return Ok(Outcome {
+                    status: StatusCode::OK,
+                    stream_type: A::TYPE.to_string(),
+                    id: stream_id,
+                    version: loaded.version,
+                    position: loaded.last_position,
+                    replayed: false,
+                });
+            }
+            let staged = Staged {
+                stream_type: A::TYPE,
+                stream_id: stream_id.clone(),
+                expected_version: loaded.version,
+                events: new_events(ctx, &events)?,
+            };
+            let status = if mode == Mode::Create { StatusCode::CREATED } else { StatusCode::OK };
+            match self.append(ctx, vec![staged], status).await? {
+                Appended::Committed(outcome) => {
+                    self.remember::<A>(
+                        &ctx.actor.tenant,
+                        &stream_id,
+                        loaded.version,
+                        Loaded { state, version: outcome.version, last_position: outcome.position },
+                    );
+                    return Ok(outcome);
+                }
+                Appended::Replayed(outcome) => return Ok(outcome),
+                Appended::Conflict => {
+                    A::cache(&self.caches).invalidate(&cache_key(&ctx.actor.tenant, &stream_id));
+                    if ctx.if_match.is_some() {
+                        return Err(stale(ctx.if_match.unwrap_or_default(), None));
+                    }
+                    tracing::debug!(attempt, stream = %stream_id, "version conflict; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        }
+        Err(Problem::conflict(
+            "the record is being changed by many writers at once; retry the command",
+        ))
+    }
+
+    /// Appends several streams' events in one transaction; the first stream's
+    /// outcome is the answer. Conflicts are reported, not retried, here.
+    pub async fn append(
+        &self,
+        ctx: &CommandContext,
+        staged: Vec<Staged>,
+        status: StatusCode,
+    ) -> Result<Appended, Problem> {
+        let streams = staged
+            .into_iter()
+            .map(|stage| StreamAppend {
+                stream_type: stage.stream_type.to_string(),
+                stream_id: stage.stream_id,
+                expected_version: if stage.expected_version == 0 {
+                    ExpectedVersion::NoStream
+                } else {
+                    ExpectedVersion::Exact(stage.expected_version)
+                },
+                events: stage.events,
+            })
+            .collect();
+        let batch = AppendBatch {
+            tenant_id: ctx.actor.tenant.clone(),
+            streams,
+            idempotency: ctx.idempotency_key.as_ref().map(|key| NewIdempotencyRecord {
+                key: key.clone(),
+                request_hash: ctx.request_hash.clone(),
+                status: status.as_u16(),
+            }),
+        };
+        match self.log.append(batch).await {
+            Ok(AppendOutcome::Committed(committed)) => {
+                let first = committed
+                    .streams
+                    .first()
+                    .ok_or_else(|| Problem::internal(&"the log committed no stream"))?;
+                Ok(Appended::Committed(Outcome {
+                    status,
+                    stream_type: first.stream_type.clone(),
+                    id: first.stream_id.clone(),
+                    version: first.last_version,
+                    position: first.last_position,
+                    replayed: false,
+                }))
+            }
+            Ok(AppendOutcome::Duplicate(record)) => Ok(Appended::Replayed(replayed(ctx, &record)?)),
+            Err(LogError::Conflict { .. }) => Ok(Appended::Conflict),
+            Err(error) => Err(Problem::internal(&error)),
+        }
+    }
+
+    /// The aggregate as of the log's latest version: from the cache or a
+    /// snapshot, plus whatever events came after it.
+    pub async fn load<A: Stream>(&self, tenant: &str, stream_id: &str) -> Result<Loaded<A>, Problem> {
+        let key = cache_key(tenant, stream_id);
+        let mut loaded = match A::cache(&self.caches).get(&key) {
+            Some(cached) => Loaded::clone(&cached),
+            None => self.load_snapshot::<A>(tenant, stream_id).await?,
+        };
+        let start_version = loaded.version;
+        loop {
+            let events = self
+                .log
+                .read_stream(tenant, A::TYPE, stream_id, loaded.version, CATCH_UP_PAGE)
+                .await
+                .map_err(|error| Problem::internal(&error))?;
+            self.events_loaded.fetch_add(events.len() as u64, Ordering::Relaxed);
+            let page_len = events.len() as i64;
+            for recorded in events {
+                let event: A::Event = serde_json::from_value(recorded.payload).map_err(|error| {
+                    Problem::internal(&format!(
+                        "event {} of {} {stream_id} does not decode: {error}",
+                        recorded.version,
+                        A::TYPE
+                    ))
+                })?;
+                loaded.state.apply(event);
+                loaded.version = recorded.version;
+                loaded.last_position = recorded.position;
+            }
+            if page_len < CATCH_UP_PAGE {
+                break;
+            }
+        }
+        if loaded.version != start_version {
+            self.remember::<A>(tenant, stream_id, start_version, loaded.clone());
+        }
+        Ok(loaded)
+    }
+
+    async fn load_snapshot<A: Stream>(&self, tenant: &str, stream_id: &str) -> Result<Loaded<A>, Problem> {
+        let snapshot = self
+            .log
+            .load_snapshot(tenant, A::TYPE, stream_id)
+            .await
+            .map_err(|error| Problem::internal(&error))?;
+        let decoded = snapshot.and_then(|snapshot| {
+            // A snapshot of an older state shape is ignored: the events rebuild it.
+            serde_json::from_value::<Loaded<A>>(snapshot.state).ok()
+        });
+        Ok(decoded.unwrap_or(Loaded { state: A::default(), version: 0, last_position: 0 }))
+    }
+
+    /// Caches the new state, and snapshots it when it crossed a snapshot boundary.
+    fn remember<A: Stream>(&self, tenant: &str, stream_id: &str, previous_version: i64, loaded: Loaded<A>) {
+        let crossed = previous_version / self.snapshot_every != loaded.version / self.snapshot_every;
+        if crossed {
+            if let Ok(state) = serde_json::to_value(&loaded) {
+                let log = self.log.clone();
+                let (tenant, stream_id, version) = (tenant.to_string(), stream_id.to_string(), loaded.version);
+                // Snapshots are an optimisation: writing one never delays or fails a command.
+                tokio::spawn(async move {
+                    let snapshot = Snapshot { version, state };
+                    if let Err(error) = log.save_snapshot(&tenant, A::TYPE, &stream_id, snapshot).await {
+                        tracing::warn!(%error, stream = %stream_id, "snapshot not saved");
+                    }
+                });
+            }
+        }
+        A::cache(&self.caches).insert(cache_key(tenant, stream_id), Arc::new(loaded));
+    }
+
+    /// Existence rules: updates need the aggregate, a repeated create with the
+    /// same body is answered with the original creation.
+    async fn check_existence<A: Stream>(
+        &self,
+        ctx: &CommandContext,
+        loaded: &Loaded<A>,
+        stream_id: &str,
+        mode: Mode,
+    ) -> Result<Option<Outcome>, Problem> {
+        match (mode, loaded.state.exists()) {
+            (Mode::Update, false) => Err(Problem::not_found(format!("no {} with id {stream_id}", A::TYPE))),
+            (Mode::Create, true) => {
+                let first = self
+                    .log
+                    .read_stream(&ctx.actor.tenant, A::TYPE, stream_id, 0, 1)
+                    .await
+                    .map_err(|error| Problem::internal(&error))?;
+                let creation = first.first().ok_or_else(|| Problem::internal(&"stream without events"))?;
+                if creation.metadata.get("body_hash").and_then(Value::as_str) == Some(ctx.body_hash.as_str()) {
+                    Ok(Some(Outcome {
+                        status: StatusCode::OK,
+                        stream_type: A::TYPE.to_string(),
+                        id: stream_id.to_string(),
+                        version: creation.version,
+                        position: creation.position,
+                        replayed: true,
+                    }))
+                } else {
+                    Err(Problem::conflict(format!(
+                        "a {} with id {stream_id} already exists with different content",
+                        A::TYPE
+                    )))
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// What became of an append.
+pub enum Appended {
+    Committed(Outcome),
+    Replayed(Outcome),
+    Conflict,
+}
+
+/// Serialises domain events into log rows carrying the command's metadata.
+pub fn new_events<E: DomainEvent>(ctx: &CommandContext, events: &[E]) -> Result<Vec<NewEvent>, Problem> {
+    let metadata = ctx.metadata();
+    events
+        .iter()
+        .map(|event| {
+            Ok(NewEvent {
+                event_id: Uuid::now_v7(),
+                event_type: event.event_type(),
+                schema_version: event.event_version().parse().unwrap_or(1),
+                payload: serde_json::to_value(event).map_err(|error| Problem::internal(&error))?,
+                metadata: metadata.clone(),
+            })
+        })
+        .collect()
+}
+
+pub fn check_if_match(ctx: &CommandContext, version: i64) -> Result<(), Problem> {
+    match ctx.if_match {
+        Some(expected) if expected != version => Err(stale(expected, Some(version))),
+        _ => Ok(()),
+    }
+}
+
+fn stale(expected: i64, actual: Option<i64>) -> Problem {
+    let detail = match actual {
+        Some(actual) => format!("If-Match expected version {expected}, but the record is at version {actual}"),
+        None => format!("If-Match expected version {expected}, but the record changed meanwhile"),
+    };
+    Problem::precondition_failed(detail)
+}
+
+fn replayed(ctx: &CommandContext, record: &IdempotencyRecord) -> Result<Outcome, Problem> {
+    if record.request_hash != ctx.request_hash {
+        let mut problem = Problem::validation(vec![crm_domain::error::FieldError {
+            field: "Idempotency-Key".to_string(),
+            message: "this key was already used for a different request".to_string(),
+        }]);
+        problem.detail = "Idempotency-Key reused with a different request".to_string();
+        return Err(problem);
+    }
+    Ok(Outcome::from_record(record))
+}
+
+pub fn domain_problem(error: DomainError) -> Problem {
+    match error {
+        DomainError::Validation(errors) => Problem::validation(errors.0),
+        DomainError::NotFound => Problem::not_found("the record does not exist"),
+        DomainError::AlreadyExists => Problem::conflict("the record already exists"),
+        DomainError::IllegalTransition(message) => Problem::conflict(message),
+    }
+}
+
+fn backoff(attempt: usize) -> std::time::Duration {
+    let jitter: u64 = rand::random::<u64>() % 5;
+    std::time::Duration::from_millis((attempt as u64) * 2 + jitter)
+}

@@ -1,0 +1,49 @@
+//! Account routes: register a customer organisation and edit it (details,
+//! owner, archive/restore) with PATCH.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use crm_domain::account::{Account, RegisterAccountInput, UpdateAccountInput};
+use crm_domain::ids::AccountId;
+use uuid::Uuid;
+
+use super::{run, PathId, Route};
+use crate::app::{App, CommandResponse};
+use crate::auth::Actor;
+use crate::body::JsonBody;
+use crate::executor::{Mode, Outcome};
+use crate::problem::Problem;
+
+/// Register an account.
+#[utoipa::path(post, path = "/v1/accounts", tag = "accounts", request_body = RegisterAccountInput,
+    responses((status = 201, body = CommandResponse), (status = 422, body = Problem), (status = 409, body = Problem)))]
+pub async fn register(
+    State(app): State<App>,
+    actor: Actor,
+    headers: HeaderMap,
+    body: JsonBody<RegisterAccountInput>,
+) -> Result<Outcome, Problem> {
+    let id = body.value.id.unwrap_or_else(Uuid::now_v7);
+    let route = Route { stream_type: "account", command: "register", path: "POST /v1/accounts" };
+    run::<Account>(&app, &actor, &headers, route, id, &body.body_hash, Mode::Create, |now| {
+        body.value.into_command(AccountId::new(id), now).map(|command| vec![command])
+    })
+    .await
+}
+
+/// Update details, assign the owner, archive (`"archived": true`) or restore; any subset.
+#[utoipa::path(patch, path = "/v1/accounts/{id}", tag = "accounts", request_body = UpdateAccountInput,
+    responses((status = 200, body = CommandResponse), (status = 404, body = Problem), (status = 409, body = Problem), (status = 412, body = Problem), (status = 422, body = Problem)))]
+pub async fn update(
+    State(app): State<App>,
+    actor: Actor,
+    PathId(id): PathId,
+    headers: HeaderMap,
+    body: JsonBody<UpdateAccountInput>,
+) -> Result<Outcome, Problem> {
+    let route = Route { stream_type: "account", command: "update", path: "PATCH /v1/accounts/{id}" };
+    run::<Account>(&app, &actor, &headers, route, id, &body.body_hash, Mode::Update, |now| {
+        body.value.into_command(now)
+    })
+    .await
+}
