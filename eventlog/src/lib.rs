@@ -2,9 +2,10 @@
 //! interchangeable backends behind one [`EventLog`] handle:
 //!
 //! * **SQLite** (embedded default): WAL mode, `synchronous=FULL`, one writer connection owned
-//!   by a *group-commit* writer task (see [`sqlite`](crate::EventLog::open_sqlite)), a separate
-//!   read pool. Positions are assigned by the single writer, so they are contiguous and commit
-//!   ordered by construction.
+//!   by a *group-commit* writer task, and a separate read pool. An append whose caller
+//!   stops waiting (future dropped) may still commit; retry with an idempotency key.
+//!   Positions are assigned by the single writer, so they are contiguous and commit ordered by
+//!   construction.
 //! * **PostgreSQL**: appends run concurrently on a pool; positions are handed out from a one-row
 //!   `log_head` table under a row lock held until commit, so positions become visible strictly in
 //!   commit order and a reader paging by position never skips a late-committing event.
@@ -104,9 +105,7 @@ impl EventLog {
         Self::open_sqlite_with(sqlite::options_from_path(path)).await
     }
 
-    async fn open_sqlite_with(
-        opts: sqlx::sqlite::SqliteConnectOptions,
-    ) -> Result<Self, LogError> {
+    async fn open_sqlite_with(opts: sqlx::sqlite::SqliteConnectOptions) -> Result<Self, LogError> {
         let (head_tx, _) = watch::channel(0);
         let store = sqlite::SqliteStore::open(opts, head_tx.clone()).await?;
         Ok(Self::from_store(Store::Sqlite(store), head_tx))
@@ -315,6 +314,16 @@ impl EventLog {
         }
     }
 
+    /// Test hook (feature `testing`): on PostgreSQL, sleep a random time up to `max` after a
+    /// batch is written and before it commits (while holding the position lock), to widen
+    /// commit races in concurrency tests. No effect on SQLite.
+    #[cfg(feature = "testing")]
+    pub fn set_pre_commit_delay(&self, max: std::time::Duration) {
+        if let Store::Postgres(s) = &self.inner.store {
+            s.set_pre_commit_delay(max);
+        }
+    }
+
     /// Graceful shutdown: waits for queued appends to commit, then closes all connections.
     /// Later calls on any clone return [`LogError::Closed`]. Idempotent.
     pub async fn close(&self) {
@@ -336,4 +345,53 @@ pub(crate) fn bump_head(head: &watch::Sender<i64>, pos: i64) {
             false
         }
     });
+}
+
+#[cfg(test)]
+mod send_tests {
+    //! Every public future must be `Send` so callers can `tokio::spawn` them / use them in axum.
+    use super::*;
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[allow(dead_code, clippy::diverging_sub_expression)]
+    fn futures_are_send(log: EventLog, batch: AppendBatch) {
+        let f = EventLog::connect("sqlite::memory:");
+        assert_send(&f);
+        let f = EventLog::open_sqlite(Path::new("x"));
+        assert_send(&f);
+        let f = log.append(batch);
+        assert_send(&f);
+        let f = log.read_stream("t", "s", "i", 0, 1);
+        assert_send(&f);
+        let f = log.read_all(0, 1);
+        assert_send(&f);
+        let f = log.head_position();
+        assert_send(&f);
+        let f = log.stream_version("t", "s", "i");
+        assert_send(&f);
+        let f = log.idempotency_record("t", "k");
+        assert_send(&f);
+        let f = log.load_snapshot("t", "s", "i");
+        assert_send(&f);
+        let f = log.save_snapshot(
+            "t",
+            "s",
+            "i",
+            Snapshot {
+                version: 1,
+                state: serde_json::Value::Null,
+            },
+        );
+        assert_send(&f);
+        let f = log.close();
+        assert_send(&f);
+        fn spawnable<F: std::future::Future + Send + 'static>(_: F) {}
+        let l = log.clone();
+        spawnable(async move {
+            let _ = EventLog::connect("sqlite::memory:").await;
+            let _ = l.read_all(0, 1).await;
+            l.close().await;
+        });
+    }
 }

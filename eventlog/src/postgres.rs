@@ -16,6 +16,7 @@
 //! background [`PgListener`] task raises the head watch for commits made by other processes
 //! (reconnecting and re-reading the head after connection loss).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -38,6 +39,8 @@ const INSERT_CHUNK: usize = 1000;
 pub(crate) struct PgStore {
     pool: PgPool,
     listener: Mutex<Option<JoinHandle<()>>>,
+    /// Test hook: max random delay (µs) between writing a batch and committing it.
+    pre_commit_delay_us: AtomicU64,
 }
 
 impl PgStore {
@@ -50,10 +53,13 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts)
             .await?;
-        sqlx::migrate!("migrations/postgres")
-            .set_ignore_missing(true)
-            .run(&pool)
-            .await?;
+        {
+            // run_direct on a concrete connection keeps this future `Send` in generic contexts.
+            let mut migrator = sqlx::migrate!("migrations/postgres");
+            migrator.set_ignore_missing(true);
+            let mut conn = pool.acquire().await?;
+            migrator.run_direct(&mut *conn).await?;
+        }
         let start: i64 = sqlx::query_scalar("SELECT position FROM log_head")
             .fetch_one(&pool)
             .await?;
@@ -62,6 +68,7 @@ impl PgStore {
         Ok(Self {
             pool,
             listener: Mutex::new(Some(listener)),
+            pre_commit_delay_us: AtomicU64::new(0),
         })
     }
 
@@ -74,6 +81,11 @@ impl PgStore {
         let mut tx = self.pool.begin().await?;
         match append_in_tx(&mut tx, &batch, snapshot.as_ref()).await? {
             TxOutcome::Committed(c) => {
+                let max_delay = self.pre_commit_delay_us.load(Ordering::Relaxed);
+                if max_delay > 0 {
+                    let us = (uuid::Uuid::new_v4().as_u128() % u128::from(max_delay)) as u64;
+                    tokio::time::sleep(Duration::from_micros(us)).await;
+                }
                 tx.commit().await?;
                 bump_head(head, c.last_position);
                 Ok(AppendOutcome::Committed(c))
@@ -89,6 +101,12 @@ impl PgStore {
                 }
             }
         }
+    }
+
+    #[cfg(feature = "testing")]
+    pub(crate) fn set_pre_commit_delay(&self, max: Duration) {
+        let us = u64::try_from(max.as_micros()).unwrap_or(u64::MAX);
+        self.pre_commit_delay_us.store(us, Ordering::Relaxed);
     }
 
     pub(crate) async fn save_snapshot(&self, snap: SnapshotWrite) -> Result<(), LogError> {
@@ -424,10 +442,7 @@ async fn append_in_tx(
     }))
 }
 
-async fn upsert_snapshot(
-    conn: &mut sqlx::PgConnection,
-    s: &SnapshotWrite,
-) -> Result<(), LogError> {
+async fn upsert_snapshot(conn: &mut sqlx::PgConnection, s: &SnapshotWrite) -> Result<(), LogError> {
     sqlx::query(
         "INSERT INTO snapshots (tenant_id, stream_type, stream_id, version, state, snapshot_no, updated_at) \
          VALUES ($1, $2, $3, $4, $5, COALESCE($6::BIGINT, 1), now()) \

@@ -114,20 +114,3 @@ pub(crate) fn pg_snapshot(row: &sqlx::postgres::PgRow) -> Result<StoredSnapshot,
         snapshot_no: row.try_get("snapshot_no")?,
     })
 }
-
-/// Positions for a batch whose first event gets `first_position`, assigned in batch order.
-/// `versions[i]` is the new last version of stream `i`. Returns per-stream last positions.
-pub(crate) fn stream_last_positions(
-    batch: &crate::AppendBatch,
-    first_position: i64,
-) -> Vec<i64> {
-    let mut pos = first_position - 1;
-    batch
-        .streams
-        .iter()
-        .map(|s| {
-            pos += s.events.len() as i64;
-            pos
-        })
-        .collect()
-}

@@ -29,8 +29,8 @@ use tokio::task::JoinHandle;
 use crate::rows::{self, EVENT_COLUMNS, IDEMPOTENCY_COLUMNS};
 use crate::types::now_micros;
 use crate::{
-    bump_head, AppendBatch, AppendOutcome, Committed, CommittedStream, IdempotencyRecord,
-    LogError, RecordedEvent, SnapshotWrite, StoredSnapshot,
+    bump_head, AppendBatch, AppendOutcome, Committed, CommittedStream, IdempotencyRecord, LogError,
+    RecordedEvent, SnapshotWrite, StoredSnapshot,
 };
 
 /// Most requests folded into one group-commit transaction.
@@ -80,10 +80,9 @@ impl SqliteStore {
         head: watch::Sender<i64>,
     ) -> Result<Self, LogError> {
         let mut conn = opts.connect().await?;
-        sqlx::migrate!("migrations/sqlite")
-            .set_ignore_missing(true)
-            .run(&mut conn)
-            .await?;
+        let mut migrator = sqlx::migrate!("migrations/sqlite");
+        migrator.set_ignore_missing(true);
+        migrator.run_direct(&mut conn).await?;
         let start: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(global_position), 0) FROM events")
             .fetch_one(&mut conn)
             .await?;
@@ -427,9 +426,9 @@ fn fail_all(pending: Vec<Pending>, msg: &str) {
             Pending::Append(tx, Err(LogError::Closed)) => drop(tx.send(Err(LogError::Database(
                 sqlx::Error::Protocol(msg.to_string()),
             )))),
-            Pending::Snapshot(tx, Err(LogError::Closed)) => drop(tx.send(Err(
-                LogError::Database(sqlx::Error::Protocol(msg.to_string())),
-            ))),
+            Pending::Snapshot(tx, Err(LogError::Closed)) => drop(tx.send(Err(LogError::Database(
+                sqlx::Error::Protocol(msg.to_string()),
+            )))),
             p if p.is_ok() => p.fail(msg),
             p => p.answer(),
         }
