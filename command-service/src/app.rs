@@ -34,7 +34,10 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 impl App {
     pub fn new(executor: Executor, tokens: Tokens) -> Self {
-        Self { executor: Arc::new(executor), tokens: Arc::new(tokens) }
+        Self {
+            executor: Arc::new(executor),
+            tokens: Arc::new(tokens),
+        }
     }
 
     /// Builds the command context from the request's headers.
@@ -63,7 +66,9 @@ impl App {
                 }
             })
             .transpose()?;
-        let if_match = header_text(headers, "if-match")?.map(|value| parse_if_match(&value)).transpose()?;
+        let if_match = header_text(headers, "if-match")?
+            .map(|value| parse_if_match(&value))
+            .transpose()?;
         let request_hash = hex::encode(Sha256::digest(format!("{route}\n{body_hash}").as_bytes()));
         Ok(CommandContext {
             actor: actor.clone(),
@@ -100,7 +105,12 @@ pub fn parse_if_match(value: &str) -> Result<i64, Problem> {
         .parse::<i64>()
         .ok()
         .filter(|version| *version >= 0)
-        .ok_or_else(|| Problem::bad_request("If-Match", "must be the record's version as an ETag, e.g. \"3\""))
+        .ok_or_else(|| {
+            Problem::bad_request(
+                "If-Match",
+                "must be the record's version as an ETag, e.g. \"3\"",
+            )
+        })
 }
 
 /// Body of every successful command.
@@ -129,7 +139,11 @@ impl IntoResponse for Outcome {
     fn into_response(self) -> Response {
         let location = format!("/v1/{}/{}", collection(&self.stream_type), self.id);
         let etag = format!("\"{}\"", self.version);
-        let body = CommandResponse { id: self.id, version: self.version, position: self.position };
+        let body = CommandResponse {
+            id: self.id,
+            version: self.version,
+            position: self.position,
+        };
         let mut response = (self.status, Json(body)).into_response();
         let headers = response.headers_mut();
         if let Ok(value) = HeaderValue::from_str(&etag) {

@@ -49,7 +49,8 @@ impl Role {
             Role::Sales => matches!(stream_type, "lead" | "account" | "contact" | "opportunity"),
             Role::Support => {
                 stream_type == "case"
-                    || (stream_type == "contact" && matches!(command, "log_activity" | "complete_task"))
+                    || (stream_type == "contact"
+                        && matches!(command, "log_activity" | "complete_task"))
             }
             Role::Viewer => false,
         }
@@ -69,7 +70,9 @@ impl FromStr for Role {
         Role::ALL
             .into_iter()
             .find(|role| role.as_str() == value)
-            .ok_or_else(|| format!("unknown role `{value}`; expected one of admin, sales, support, viewer"))
+            .ok_or_else(|| {
+                format!("unknown role `{value}`; expected one of admin, sales, support, viewer")
+            })
     }
 }
 
@@ -102,7 +105,9 @@ pub struct Actor {
 
 impl Actor {
     pub fn may_command(&self, stream_type: &str, command: &str) -> bool {
-        self.roles.iter().any(|role| role.may_command(stream_type, command))
+        self.roles
+            .iter()
+            .any(|role| role.may_command(stream_type, command))
     }
 
     pub fn require_command(&self, stream_type: &str, command: &str) -> Result<(), Problem> {
@@ -179,7 +184,11 @@ impl Tokens {
             iat: now,
             exp: now + valid_for.num_seconds(),
         };
-        Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?)
+        Ok(jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &self.encoding,
+        )?)
     }
 
     pub fn verify(&self, token: &str) -> Result<Actor, Problem> {
@@ -189,7 +198,11 @@ impl Tokens {
         if claims.roles.is_empty() {
             return Err(Problem::unauthorized("the token carries no role"));
         }
-        Ok(Actor { name: claims.sub, roles: claims.roles, tenant: claims.tenant })
+        Ok(Actor {
+            name: claims.sub,
+            roles: claims.roles,
+            tenant: claims.tenant,
+        })
     }
 }
 
@@ -202,10 +215,11 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let tokens = Arc::<Tokens>::from_ref(state);
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
-            .ok_or_else(|| Problem::unauthorized("send `Authorization: Bearer <token>`; `crm token issue` prints one"))?;
+        let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
+            Problem::unauthorized(
+                "send `Authorization: Bearer <token>`; `crm token issue` prints one",
+            )
+        })?;
         let value = header
             .to_str()
             .map_err(|_| Problem::unauthorized("the Authorization header is not text"))?;
@@ -227,7 +241,9 @@ mod tests {
 
     #[test]
     fn issued_tokens_verify_with_actor_and_roles() {
-        let token = tokens().issue("alice", &[Role::Sales], chrono::Duration::hours(1)).unwrap();
+        let token = tokens()
+            .issue("alice", &[Role::Sales], chrono::Duration::hours(1))
+            .unwrap();
         let actor = tokens().verify(&token).unwrap();
         assert_eq!(actor.name, "alice");
         assert_eq!(actor.roles, vec![Role::Sales]);
@@ -237,13 +253,17 @@ mod tests {
     #[test]
     fn a_token_signed_with_another_secret_is_rejected() {
         let other = Tokens::new(&[8u8; 32]).unwrap();
-        let token = other.issue("mallory", &[Role::Admin], chrono::Duration::hours(1)).unwrap();
+        let token = other
+            .issue("mallory", &[Role::Admin], chrono::Duration::hours(1))
+            .unwrap();
         assert_eq!(tokens().verify(&token).unwrap_err().status, 401);
     }
 
     #[test]
     fn expired_tokens_are_rejected() {
-        let token = tokens().issue("bob", &[Role::Admin], chrono::Duration::hours(-2)).unwrap();
+        let token = tokens()
+            .issue("bob", &[Role::Admin], chrono::Duration::hours(-2))
+            .unwrap();
         assert_eq!(tokens().verify(&token).unwrap_err().status, 401);
     }
 

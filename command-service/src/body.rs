@@ -1,9 +1,10 @@
 //! The JSON body extractor of command routes: size limit, media type, and
 //! field-precise decode errors, all as problem+json.
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{FromRequest, Request};
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
@@ -11,6 +12,8 @@ use crate::problem::Problem;
 
 /// Largest command body accepted; CRM commands are small, so anything bigger is hostile or a mistake.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// How much of an oversized body is read before the connection is given up.
+const DRAIN_LIMIT: usize = 4 * 1024 * 1024;
 
 /// A decoded command body plus a fingerprint of its content.
 pub struct JsonBody<T> {
@@ -26,7 +29,7 @@ where
 {
     type Rejection = Problem;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(request: Request, _state: &S) -> Result<Self, Self::Rejection> {
         let has_body_type = request
             .headers()
             .get(CONTENT_TYPE)
@@ -35,15 +38,42 @@ where
         if has_body_type == Some(false) {
             return Err(Problem::unsupported_media_type());
         }
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
-            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                Problem::payload_too_large(MAX_BODY_BYTES)
-            } else {
-                Problem::bad_request("", rejection.body_text())
-            }
-        })?;
+        let declared_length = request
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<usize>().ok());
+        if declared_length.is_some_and(|length| length > DRAIN_LIMIT) {
+            return Err(Problem::payload_too_large(MAX_BODY_BYTES));
+        }
+        let bytes = read_limited(request.into_body()).await?;
         decode(&bytes)
     }
+}
+
+/// Reads at most [`MAX_BODY_BYTES`]. An oversized body is still read (and
+/// dropped) up to [`DRAIN_LIMIT`], so the client finishes sending and reliably
+/// receives the 413 instead of a reset connection.
+async fn read_limited(body: Body) -> Result<Vec<u8>, Problem> {
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|error| {
+            Problem::bad_request("", format!("could not read the body: {error}"))
+        })?;
+        seen += chunk.len();
+        if seen > DRAIN_LIMIT {
+            break;
+        }
+        if seen <= MAX_BODY_BYTES {
+            bytes.extend_from_slice(&chunk);
+        }
+    }
+    if seen > MAX_BODY_BYTES {
+        return Err(Problem::payload_too_large(MAX_BODY_BYTES));
+    }
+    Ok(bytes)
 }
 
 fn is_json_media_type(value: &str) -> bool {
@@ -67,25 +97,12 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<JsonBody<T>, Problem>
         let field = error.path().to_string();
         let field = if field == "." { String::new() } else { field };
         let message = error.into_inner().to_string();
-        Problem::validation(vec![crm_domain::error::FieldError {
-            field: unknown_field_path(&field, &message),
-            message,
-        }])
+        Problem::validation(vec![crm_domain::error::FieldError { field, message }])
     })?;
-    Ok(JsonBody { value: decoded, body_hash })
-}
-
-/// serde reports an unknown field at its parent's path; name the field itself.
-fn unknown_field_path(path: &str, message: &str) -> String {
-    let Some(rest) = message.strip_prefix("unknown field `") else {
-        return path.to_string();
-    };
-    let name = rest.split('`').next().unwrap_or_default();
-    if path.is_empty() {
-        name.to_string()
-    } else {
-        format!("{path}.{name}")
-    }
+    Ok(JsonBody {
+        value: decoded,
+        body_hash,
+    })
 }
 
 #[cfg(test)]
@@ -109,14 +126,18 @@ mod tests {
 
     #[test]
     fn wrong_type_names_the_nested_field() {
-        let problem = decode::<Sample>(br#"{"name":"x","nested":{"count":"many"}}"#).err().unwrap();
+        let problem = decode::<Sample>(br#"{"name":"x","nested":{"count":"many"}}"#)
+            .err()
+            .unwrap();
         assert_eq!(problem.status, 422);
         assert_eq!(problem.errors[0].field, "nested.count");
     }
 
     #[test]
     fn unknown_field_is_named() {
-        let problem = decode::<Sample>(br#"{"name":"x","colour":"red"}"#).err().unwrap();
+        let problem = decode::<Sample>(br#"{"name":"x","colour":"red"}"#)
+            .err()
+            .unwrap();
         assert_eq!(problem.status, 422);
         assert_eq!(problem.errors[0].field, "colour");
     }
@@ -130,8 +151,12 @@ mod tests {
 
     #[test]
     fn same_content_hashes_the_same_whatever_the_key_order() {
-        let a = decode::<Sample>(br#"{"name":"x","nested":{"count":1}}"#).ok().unwrap();
-        let b = decode::<Sample>(br#"{ "nested":{"count":1}, "name":"x" }"#).ok().unwrap();
+        let a = decode::<Sample>(br#"{"name":"x","nested":{"count":1}}"#)
+            .ok()
+            .unwrap();
+        let b = decode::<Sample>(br#"{ "nested":{"count":1}, "name":"x" }"#)
+            .ok()
+            .unwrap();
         assert_eq!(a.body_hash, b.body_hash);
     }
 }

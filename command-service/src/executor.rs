@@ -6,13 +6,12 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
-use crm_domain::aggregate::CrmAggregate;
+use cqrs_es::DomainEvent;
 use crm_domain::error::DomainError;
 use crm_eventlog::{
     AppendBatch, AppendOutcome, EventLog, ExpectedVersion, IdempotencyRecord, LogError, NewEvent,
     NewIdempotencyRecord, Snapshot, StreamAppend,
 };
-use cqrs_es::DomainEvent;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -157,12 +156,12 @@ impl Executor {
         record.map(|record| replayed(ctx, &record)).transpose()
     }
 
-    /// Runs commands on one aggregate, all or nothing (a PATCH may be several).
+    /// Runs one command on one aggregate.
     pub async fn execute<A: Stream>(
         &self,
         ctx: &CommandContext,
         stream_id: Uuid,
-        commands: Vec<A::Command>,
+        command: A::Command,
         mode: Mode,
     ) -> Result<Outcome, Problem>
     where
@@ -179,14 +178,13 @@ impl Executor {
                 return Ok(outcome);
             }
             check_if_match(ctx, loaded.version)?;
+            let events = loaded
+                .state
+                .decide(command.clone())
+                .map_err(domain_problem)?;
             let mut state = loaded.state.clone();
-            let mut events = Vec::new();
-            for command in commands.iter().cloned() {
-                let decided = state.decide(command).map_err(domain_problem)?;
-                for event in &decided {
-                    state.apply(event.clone());
-                }
-                events.extend(decided);
+            for event in &events {
+                state.apply(event.clone());
             }
             if events.is_empty() {
                 return Ok(Outcome {
@@ -204,14 +202,22 @@ impl Executor {
                 expected_version: loaded.version,
                 events: new_events(ctx, &events)?,
             };
-            let status = if mode == Mode::Create { StatusCode::CREATED } else { StatusCode::OK };
+            let status = if mode == Mode::Create {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
             match self.append(ctx, vec![staged], status).await? {
                 Appended::Committed(outcome) => {
                     self.remember::<A>(
                         &ctx.actor.tenant,
                         &stream_id,
                         loaded.version,
-                        Loaded { state, version: outcome.version, last_position: outcome.position },
+                        Loaded {
+                            state,
+                            version: outcome.version,
+                            last_position: outcome.position,
+                        },
                     );
                     return Ok(outcome);
                 }
@@ -255,11 +261,14 @@ impl Executor {
         let batch = AppendBatch {
             tenant_id: ctx.actor.tenant.clone(),
             streams,
-            idempotency: ctx.idempotency_key.as_ref().map(|key| NewIdempotencyRecord {
-                key: key.clone(),
-                request_hash: ctx.request_hash.clone(),
-                status: status.as_u16(),
-            }),
+            idempotency: ctx
+                .idempotency_key
+                .as_ref()
+                .map(|key| NewIdempotencyRecord {
+                    key: key.clone(),
+                    request_hash: ctx.request_hash.clone(),
+                    status: status.as_u16(),
+                }),
         };
         match self.log.append(batch).await {
             Ok(AppendOutcome::Committed(committed)) => {
@@ -284,7 +293,11 @@ impl Executor {
 
     /// The aggregate as of the log's latest version: from the cache or a
     /// snapshot, plus whatever events came after it.
-    pub async fn load<A: Stream>(&self, tenant: &str, stream_id: &str) -> Result<Loaded<A>, Problem> {
+    pub async fn load<A: Stream>(
+        &self,
+        tenant: &str,
+        stream_id: &str,
+    ) -> Result<Loaded<A>, Problem> {
         let key = cache_key(tenant, stream_id);
         let mut loaded = match A::cache(&self.caches).get(&key) {
             Some(cached) => Loaded::clone(&cached),
@@ -297,16 +310,18 @@ impl Executor {
                 .read_stream(tenant, A::TYPE, stream_id, loaded.version, CATCH_UP_PAGE)
                 .await
                 .map_err(|error| Problem::internal(&error))?;
-            self.events_loaded.fetch_add(events.len() as u64, Ordering::Relaxed);
+            self.events_loaded
+                .fetch_add(events.len() as u64, Ordering::Relaxed);
             let page_len = events.len() as i64;
             for recorded in events {
-                let event: A::Event = serde_json::from_value(recorded.payload).map_err(|error| {
-                    Problem::internal(&format!(
-                        "event {} of {} {stream_id} does not decode: {error}",
-                        recorded.version,
-                        A::TYPE
-                    ))
-                })?;
+                let event: A::Event =
+                    serde_json::from_value(recorded.payload).map_err(|error| {
+                        Problem::internal(&format!(
+                            "event {} of {} {stream_id} does not decode: {error}",
+                            recorded.version,
+                            A::TYPE
+                        ))
+                    })?;
                 loaded.state.apply(event);
                 loaded.version = recorded.version;
                 loaded.last_position = recorded.position;
@@ -321,7 +336,11 @@ impl Executor {
         Ok(loaded)
     }
 
-    async fn load_snapshot<A: Stream>(&self, tenant: &str, stream_id: &str) -> Result<Loaded<A>, Problem> {
+    async fn load_snapshot<A: Stream>(
+        &self,
+        tenant: &str,
+        stream_id: &str,
+    ) -> Result<Loaded<A>, Problem> {
         let snapshot = self
             .log
             .load_snapshot(tenant, A::TYPE, stream_id)
@@ -331,20 +350,35 @@ impl Executor {
             // A snapshot of an older state shape is ignored: the events rebuild it.
             serde_json::from_value::<Loaded<A>>(snapshot.state).ok()
         });
-        Ok(decoded.unwrap_or(Loaded { state: A::default(), version: 0, last_position: 0 }))
+        Ok(decoded.unwrap_or(Loaded {
+            state: A::default(),
+            version: 0,
+            last_position: 0,
+        }))
     }
 
     /// Caches the new state, and snapshots it when it crossed a snapshot boundary.
-    fn remember<A: Stream>(&self, tenant: &str, stream_id: &str, previous_version: i64, loaded: Loaded<A>) {
-        let crossed = previous_version / self.snapshot_every != loaded.version / self.snapshot_every;
+    fn remember<A: Stream>(
+        &self,
+        tenant: &str,
+        stream_id: &str,
+        previous_version: i64,
+        loaded: Loaded<A>,
+    ) {
+        let crossed =
+            previous_version / self.snapshot_every != loaded.version / self.snapshot_every;
         if crossed {
             if let Ok(state) = serde_json::to_value(&loaded) {
                 let log = self.log.clone();
-                let (tenant, stream_id, version) = (tenant.to_string(), stream_id.to_string(), loaded.version);
+                let (tenant, stream_id, version) =
+                    (tenant.to_string(), stream_id.to_string(), loaded.version);
                 // Snapshots are an optimisation: writing one never delays or fails a command.
                 tokio::spawn(async move {
                     let snapshot = Snapshot { version, state };
-                    if let Err(error) = log.save_snapshot(&tenant, A::TYPE, &stream_id, snapshot).await {
+                    if let Err(error) = log
+                        .save_snapshot(&tenant, A::TYPE, &stream_id, snapshot)
+                        .await
+                    {
                         tracing::warn!(%error, stream = %stream_id, "snapshot not saved");
                     }
                 });
@@ -363,15 +397,22 @@ impl Executor {
         mode: Mode,
     ) -> Result<Option<Outcome>, Problem> {
         match (mode, loaded.state.exists()) {
-            (Mode::Update, false) => Err(Problem::not_found(format!("no {} with id {stream_id}", A::TYPE))),
+            (Mode::Update, false) => Err(Problem::not_found(format!(
+                "no {} with id {stream_id}",
+                A::TYPE
+            ))),
             (Mode::Create, true) => {
                 let first = self
                     .log
                     .read_stream(&ctx.actor.tenant, A::TYPE, stream_id, 0, 1)
                     .await
                     .map_err(|error| Problem::internal(&error))?;
-                let creation = first.first().ok_or_else(|| Problem::internal(&"stream without events"))?;
-                if creation.metadata.get("body_hash").and_then(Value::as_str) == Some(ctx.body_hash.as_str()) {
+                let creation = first
+                    .first()
+                    .ok_or_else(|| Problem::internal(&"stream without events"))?;
+                if creation.metadata.get("body_hash").and_then(Value::as_str)
+                    == Some(ctx.body_hash.as_str())
+                {
                     Ok(Some(Outcome {
                         status: StatusCode::OK,
                         stream_type: A::TYPE.to_string(),
@@ -400,7 +441,10 @@ pub enum Appended {
 }
 
 /// Serialises domain events into log rows carrying the command's metadata.
-pub fn new_events<E: DomainEvent>(ctx: &CommandContext, events: &[E]) -> Result<Vec<NewEvent>, Problem> {
+pub fn new_events<E: DomainEvent>(
+    ctx: &CommandContext,
+    events: &[E],
+) -> Result<Vec<NewEvent>, Problem> {
     let metadata = ctx.metadata();
     events
         .iter()
@@ -425,7 +469,9 @@ pub fn check_if_match(ctx: &CommandContext, version: i64) -> Result<(), Problem>
 
 fn stale(expected: i64, actual: Option<i64>) -> Problem {
     let detail = match actual {
-        Some(actual) => format!("If-Match expected version {expected}, but the record is at version {actual}"),
+        Some(actual) => {
+            format!("If-Match expected version {expected}, but the record is at version {actual}")
+        }
         None => format!("If-Match expected version {expected}, but the record changed meanwhile"),
     };
     Problem::precondition_failed(detail)

@@ -44,10 +44,16 @@ pub fn router(app: App) -> Router {
         .route("/v1/contacts", post(contacts::create))
         .route("/v1/contacts/{id}", patch(contacts::update))
         .route("/v1/contacts/{id}/activities", post(contacts::log_activity))
-        .route("/v1/contacts/{id}/tasks/complete", post(contacts::complete_task))
+        .route(
+            "/v1/contacts/{id}/tasks/complete",
+            post(contacts::complete_task),
+        )
         .route("/v1/opportunities", post(opportunities::open))
         .route("/v1/opportunities/{id}", patch(opportunities::update))
-        .route("/v1/opportunities/{id}/advance", post(opportunities::advance))
+        .route(
+            "/v1/opportunities/{id}/advance",
+            post(opportunities::advance),
+        )
         .route("/v1/opportunities/{id}/win", post(opportunities::win))
         .route("/v1/opportunities/{id}/lose", post(opportunities::lose))
         .route("/v1/opportunities/{id}/reopen", post(opportunities::reopen))
@@ -58,10 +64,16 @@ pub fn router(app: App) -> Router {
         .route("/v1/cases/{id}/resolve", post(cases::resolve))
         .route("/v1/cases/{id}/close", post(cases::close))
         .route("/v1/cases/{id}/reopen", post(cases::reopen))
-        .route("/v1/streams/{stream_type}/{id}/events", get(streams::events))
+        .route(
+            "/v1/streams/{stream_type}/{id}/events",
+            get(streams::events),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .route("/openapi.json", get(|| async { Json(openapi::ApiDoc::openapi()) }))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(openapi::ApiDoc::openapi()) }),
+        )
         .fallback(|| async { Problem::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             Problem::new(

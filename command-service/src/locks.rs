@@ -14,7 +14,9 @@ pub struct StreamLocks {
 
 impl StreamLocks {
     pub fn new(stripes: usize) -> Self {
-        Self { stripes: (0..stripes.max(1)).map(|_| Mutex::new(())).collect() }
+        Self {
+            stripes: (0..stripes.max(1)).map(|_| Mutex::new(())).collect(),
+        }
     }
 
     pub async fn lock(&self, stream_type: &str, stream_id: &str) -> MutexGuard<'_, ()> {

@@ -42,8 +42,16 @@ impl Problem {
 
     pub fn bad_request(field: &str, detail: impl Into<String>) -> Self {
         let detail = detail.into();
-        let mut problem = Self::new(StatusCode::BAD_REQUEST, "malformed-request", "Malformed request", detail.clone());
-        problem.errors.push(FieldError { field: field.to_string(), message: detail });
+        let mut problem = Self::new(
+            StatusCode::BAD_REQUEST,
+            "malformed-request",
+            "Malformed request",
+            detail.clone(),
+        );
+        problem.errors.push(FieldError {
+            field: field.to_string(),
+            message: detail,
+        });
         problem
     }
 
@@ -63,7 +71,12 @@ impl Problem {
     }
 
     pub fn unauthorized(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", detail)
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Unauthorized",
+            detail,
+        )
     }
 
     pub fn forbidden(detail: impl Into<String>) -> Self {
@@ -75,7 +88,12 @@ impl Problem {
     }
 
     pub fn conflict(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, "illegal-transition", "Conflict", detail)
+        Self::new(
+            StatusCode::CONFLICT,
+            "illegal-transition",
+            "Conflict",
+            detail,
+        )
     }
 
     pub fn precondition_failed(detail: impl Into<String>) -> Self {

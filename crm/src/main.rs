@@ -11,7 +11,11 @@ use clap::{Args, Parser, Subcommand};
 use crm_command_service::{Role, Tokens};
 
 #[derive(Parser)]
-#[command(name = "crm", version, about = "CRM event store: commands, event log, audit trail")]
+#[command(
+    name = "crm",
+    version,
+    about = "CRM event store: commands, event log, audit trail"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -39,7 +43,11 @@ pub struct DataArgs {
     #[arg(long, env = "CRM_DATA_DIR", default_value = "./crm-data")]
     pub data_dir: PathBuf,
     /// Token signing secret (>= 32 bytes); by default generated into the data dir.
-    #[arg(long = "token-secret", env = "CRM_TOKEN_SECRET", hide_env_values = true)]
+    #[arg(
+        long = "token-secret",
+        env = "CRM_TOKEN_SECRET",
+        hide_env_values = true
+    )]
     pub token_secret: Option<String>,
 }
 
@@ -66,9 +74,11 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(serve::serve(args))
         }
         Command::Token(TokenCommand::Issue(args)) => {
-            let (secret, _) = secret::load_or_create(args.data.token_secret.as_deref(), &args.data.data_dir)?;
+            let (secret, _) =
+                secret::load_or_create(args.data.token_secret.as_deref(), &args.data.data_dir)?;
             let tokens = Tokens::new(&secret)?;
-            let token = tokens.issue(&args.actor, &args.roles, chrono::Duration::days(args.days))?;
+            let token =
+                tokens.issue(&args.actor, &args.roles, chrono::Duration::days(args.days))?;
             println!("{token}");
             Ok(())
         }

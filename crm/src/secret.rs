@@ -14,12 +14,15 @@ pub const SECRET_FILE: &str = "token-secret";
 /// Where the secret came from.
 pub enum SecretSource {
     Environment,
-    ExistingFile(PathBuf),
+    ExistingFile,
     GeneratedFile(PathBuf),
 }
 
 /// Reads the secret from the environment value if given, else from (or into) the data dir.
-pub fn load_or_create(env_secret: Option<&str>, data_dir: &Path) -> anyhow::Result<(Vec<u8>, SecretSource)> {
+pub fn load_or_create(
+    env_secret: Option<&str>,
+    data_dir: &Path,
+) -> anyhow::Result<(Vec<u8>, SecretSource)> {
     if let Some(secret) = env_secret {
         if secret.len() < MIN_SECRET_BYTES {
             bail!("CRM_TOKEN_SECRET must be at least {MIN_SECRET_BYTES} bytes long");
@@ -28,16 +31,21 @@ pub fn load_or_create(env_secret: Option<&str>, data_dir: &Path) -> anyhow::Resu
     }
     let path = data_dir.join(SECRET_FILE);
     if path.exists() {
-        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let secret = text.trim().as_bytes().to_vec();
         if secret.len() < MIN_SECRET_BYTES {
-            bail!("{} holds a secret shorter than {MIN_SECRET_BYTES} bytes", path.display());
+            bail!(
+                "{} holds a secret shorter than {MIN_SECRET_BYTES} bytes",
+                path.display()
+            );
         }
-        return Ok((secret, SecretSource::ExistingFile(path)));
+        return Ok((secret, SecretSource::ExistingFile));
     }
     fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let secret = hex::encode(rand::random::<[u8; 32]>());
-    write_private(&path, secret.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    write_private(&path, secret.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok((secret.into_bytes(), SecretSource::GeneratedFile(path)))
 }
 
@@ -67,7 +75,7 @@ mod tests {
         let (first, source) = load_or_create(None, &dir).unwrap();
         assert!(matches!(source, SecretSource::GeneratedFile(_)));
         let (second, source) = load_or_create(None, &dir).unwrap();
-        assert!(matches!(source, SecretSource::ExistingFile(_)));
+        assert!(matches!(source, SecretSource::ExistingFile));
         assert_eq!(first, second);
         fs::remove_dir_all(&dir).unwrap();
     }

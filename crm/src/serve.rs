@@ -29,12 +29,17 @@ pub struct ServeArgs {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(args.log_json);
     let data_dir = &args.data.data_dir;
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let (secret, source) = secret::load_or_create(args.data.token_secret.as_deref(), data_dir)?;
     let tokens = Tokens::new(&secret)?;
     let log = match &args.database_url {
-        Some(url) => EventLog::connect(url).await.context("connecting to the event log")?,
-        None => EventLog::open_sqlite(&data_dir.join("crm.db")).await.context("opening the embedded event log")?,
+        Some(url) => EventLog::connect(url)
+            .await
+            .context("connecting to the event log")?,
+        None => EventLog::open_sqlite(&data_dir.join("crm.db"))
+            .await
+            .context("opening the embedded event log")?,
     };
     let app = App::new(Executor::new(log.clone()), tokens);
     let listener = tokio::net::TcpListener::bind(args.http_addr)
@@ -42,11 +47,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.http_addr))?;
     let address = listener.local_addr()?;
     tracing::info!(%address, data_dir = %data_dir.display(), "crm serving");
-    println!("crm listening on http://{address}");
     if let SecretSource::GeneratedFile(path) = source {
         println!("generated a token secret in {}", path.display());
-        println!("get a token with: crm token issue --data-dir {} --actor <you> --role admin", data_dir.display());
+        println!(
+            "get a token with: crm token issue --data-dir {} --actor <you> --role admin",
+            data_dir.display()
+        );
     }
+    // Printed last: scripts and tests wait for this line.
+    println!("crm listening on http://{address}");
     axum::serve(listener, crm_command_service::router(app))
         .with_graceful_shutdown(shutdown_signal())
         .await
@@ -88,7 +97,9 @@ async fn shutdown_signal() {
 fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CRM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

@@ -27,7 +27,10 @@ pub fn crm_binary() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/crm
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
     let binary = profile_dir.join(format!("crm{}", std::env::consts::EXE_SUFFIX));
     assert!(
         binary.exists(),
@@ -62,12 +65,18 @@ impl Server {
                 (Some(db), Some(url))
             }
         };
-        let mut server = Self::spawn(data_dir, database_url, pg).await.expect("crm serve starts");
+        let mut server = Self::spawn(data_dir, database_url, pg)
+            .await
+            .expect("crm serve starts");
         server.admin_token = server.token("test-admin", "admin").await.expect("token");
         Some(server)
     }
 
-    async fn spawn(data_dir: TempDir, database_url: Option<String>, pg: Option<PgTestDb>) -> anyhow::Result<Server> {
+    async fn spawn(
+        data_dir: TempDir,
+        database_url: Option<String>,
+        pg: Option<PgTestDb>,
+    ) -> anyhow::Result<Server> {
         let mut command = Command::new(crm_binary());
         command
             .arg("serve")
@@ -116,13 +125,24 @@ impl Server {
     /// A token from `crm token issue`, signed with this server's secret.
     pub async fn token(&self, actor: &str, role: &str) -> anyhow::Result<String> {
         let output = Command::new(crm_binary())
-            .args(["token", "issue", "--actor", actor, "--role", role, "--data-dir"])
+            .args([
+                "token",
+                "issue",
+                "--actor",
+                actor,
+                "--role",
+                role,
+                "--data-dir",
+            ])
             .arg(self.data_dir.path())
             .env_remove("CRM_TOKEN_SECRET")
             .output()
             .await?;
         if !output.status.success() {
-            bail!("crm token issue failed: {}", String::from_utf8_lossy(&output.stderr));
+            bail!(
+                "crm token issue failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         Ok(String::from_utf8(output.stdout)?.trim().to_string())
     }
@@ -133,7 +153,10 @@ impl Server {
 
     /// Sends `body` with the admin token.
     pub async fn send(&self, method: reqwest::Method, path: &str, body: &Value) -> Reply {
-        self.request(method, path, &self.admin_token, |request| request.json(body)).await
+        self.request(method, path, &self.admin_token, |request| {
+            request.json(body)
+        })
+        .await
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> Reply {
@@ -141,7 +164,10 @@ impl Server {
     }
 
     pub async fn get(&self, path: &str) -> Reply {
-        self.request(reqwest::Method::GET, path, &self.admin_token, |request| request).await
+        self.request(reqwest::Method::GET, path, &self.admin_token, |request| {
+            request
+        })
+        .await
     }
 
     /// Any request: `build` adds body and headers.
@@ -166,7 +192,9 @@ impl Server {
 
     /// The raw events of one stream.
     pub async fn events(&self, stream_type: &str, id: &str) -> Vec<Value> {
-        let reply = self.get(&format!("/v1/streams/{stream_type}/{id}/events?limit=1000")).await;
+        let reply = self
+            .get(&format!("/v1/streams/{stream_type}/{id}/events?limit=1000"))
+            .await;
         if reply.status == 404 {
             return Vec::new();
         }
@@ -177,7 +205,10 @@ impl Server {
     /// Sends SIGTERM and waits for a clean exit.
     pub async fn stop(&mut self) -> std::process::ExitStatus {
         if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
         }
         tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
@@ -219,8 +250,13 @@ impl Reply {
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let bytes = response.bytes().await.expect("body");
-        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
-        Reply { status, headers, body }
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        Reply {
+            status,
+            headers,
+            body,
+        }
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -229,18 +265,34 @@ impl Reply {
 
     /// The `id` of a command answer.
     pub fn id(&self) -> String {
-        self.body["id"].as_str().unwrap_or_else(|| panic!("no id in {self:?}")).to_string()
+        self.body["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no id in {self:?}"))
+            .to_string()
     }
 
     /// Asserts a problem+json answer with `status` and returns the fields at fault.
     pub fn problem(&self, status: u16) -> Vec<String> {
         assert_eq!(self.status, status, "{self:?}");
-        assert_eq!(self.header("content-type"), Some("application/problem+json"), "{self:?}");
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json"),
+            "{self:?}"
+        );
         assert_eq!(self.body["status"], status, "{self:?}");
-        assert!(self.body["title"].is_string() && self.body["type"].is_string() && self.body["detail"].is_string());
+        assert!(
+            self.body["title"].is_string()
+                && self.body["type"].is_string()
+                && self.body["detail"].is_string()
+        );
         self.body["errors"]
             .as_array()
-            .map(|errors| errors.iter().filter_map(|e| e["field"].as_str().map(String::from)).collect())
+            .map(|errors| {
+                errors
+                    .iter()
+                    .filter_map(|e| e["field"].as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }

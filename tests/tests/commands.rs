@@ -31,9 +31,16 @@ async fn new_opportunity(server: &Server) -> String {
 async fn idempotent_retry_appends_once(server: &Server) {
     let before = server.head().await;
     let send = || {
-        server.request(reqwest::Method::POST, "/v1/accounts", &server.admin_token, |request| {
-            request.header("Idempotency-Key", "retry-42").json(&account_body())
-        })
+        server.request(
+            reqwest::Method::POST,
+            "/v1/accounts",
+            &server.admin_token,
+            |request| {
+                request
+                    .header("Idempotency-Key", "retry-42")
+                    .json(&account_body())
+            },
+        )
     };
     let first = send().await;
     assert_eq!(first.status, 201, "{first:?}");
@@ -43,13 +50,24 @@ async fn idempotent_retry_appends_once(server: &Server) {
         assert_eq!(retry.body, first.body, "a retry answers the first outcome");
         assert_eq!(retry.header("idempotent-replayed"), Some("true"));
     }
-    assert_eq!(server.head().await, before + 1, "the retries appended nothing");
+    assert_eq!(
+        server.head().await,
+        before + 1,
+        "the retries appended nothing"
+    );
     assert_eq!(server.events("account", &first.id()).await.len(), 1);
 
     let reused = server
-        .request(reqwest::Method::POST, "/v1/accounts", &server.admin_token, |request| {
-            request.header("Idempotency-Key", "retry-42").json(&json!({"name": "Other Corp"}))
-        })
+        .request(
+            reqwest::Method::POST,
+            "/v1/accounts",
+            &server.admin_token,
+            |request| {
+                request
+                    .header("Idempotency-Key", "retry-42")
+                    .json(&json!({"name": "Other Corp"}))
+            },
+        )
         .await;
     assert_eq!(reused.problem(422), vec!["Idempotency-Key"]);
     assert_eq!(server.head().await, before + 1);
@@ -61,9 +79,16 @@ async fn stale_if_match_gets_412_and_appends_nothing(server: &Server) {
         let path = format!("/v1/opportunities/{id}/advance");
         async move {
             server
-                .request(reqwest::Method::POST, &path, &server.admin_token, |request| {
-                    request.header("If-Match", version).json(&json!({"stage": stage, "reason": "test"}))
-                })
+                .request(
+                    reqwest::Method::POST,
+                    &path,
+                    &server.admin_token,
+                    |request| {
+                        request
+                            .header("If-Match", version)
+                            .json(&json!({"stage": stage, "reason": "test"}))
+                    },
+                )
                 .await
         }
     };
@@ -93,17 +118,39 @@ async fn fifty_concurrent_advances_lose_nothing(server: &Server) {
         match reply.status {
             200 => acknowledged.push(reply.body["version"].as_i64().unwrap()),
             // Advancing to the stage it is already in is an illegal move, not a lost write.
-            409 => assert!(reply.body["detail"].as_str().unwrap().contains("stage"), "{reply:?}"),
+            409 => assert!(
+                reply.body["detail"].as_str().unwrap().contains("stage"),
+                "{reply:?}"
+            ),
             other => panic!("unexpected status {other}: {reply:?}"),
         }
     }
-    assert!(acknowledged.len() >= 25, "most advances succeed: {}", acknowledged.len());
+    assert!(
+        acknowledged.len() >= 25,
+        "most advances succeed: {}",
+        acknowledged.len()
+    );
     let events = server.events("opportunity", &id).await;
-    let versions: Vec<i64> = events.iter().map(|event| event["version"].as_i64().unwrap()).collect();
-    assert_eq!(versions, (1..=events.len() as i64).collect::<Vec<_>>(), "versions are contiguous");
-    assert_eq!(events.len(), acknowledged.len() + 1, "every acknowledged advance is in the log, and nothing else");
+    let versions: Vec<i64> = events
+        .iter()
+        .map(|event| event["version"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        versions,
+        (1..=events.len() as i64).collect::<Vec<_>>(),
+        "versions are contiguous"
+    );
+    assert_eq!(
+        events.len(),
+        acknowledged.len() + 1,
+        "every acknowledged advance is in the log, and nothing else"
+    );
     acknowledged.sort();
-    assert_eq!(acknowledged, (2..=events.len() as i64).collect::<Vec<_>>(), "each acknowledgement names its own version");
+    assert_eq!(
+        acknowledged,
+        (2..=events.len() as i64).collect::<Vec<_>>(),
+        "each acknowledgement names its own version"
+    );
 }
 
 async fn hostile_bodies_get_4xx_and_append_nothing(server: &Server) {
@@ -145,20 +192,43 @@ async fn hostile_bodies_get_4xx_and_append_nothing(server: &Server) {
     ];
     for (path, body, content_type, status) in cases {
         let reply = server
-            .request(reqwest::Method::POST, path, &server.admin_token, |request| {
-                request.header("content-type", content_type.clone()).body(body.clone())
-            })
+            .request(
+                reqwest::Method::POST,
+                path,
+                &server.admin_token,
+                |request| {
+                    request
+                        .header("content-type", content_type.clone())
+                        .body(body.clone())
+                },
+            )
             .await;
-        assert_eq!(reply.status, status, "{path} {}: {reply:?}", body.chars().take(80).collect::<String>());
+        assert_eq!(
+            reply.status,
+            status,
+            "{path} {}: {reply:?}",
+            body.chars().take(80).collect::<String>()
+        );
         reply.problem(status);
     }
     let invalid_utf8 = server
-        .request(reqwest::Method::POST, "/v1/accounts", &server.admin_token, |request| {
-            request.header("content-type", "application/json").body(vec![b'{', b'"', 0xff, 0xfe, b'"', b'}'])
-        })
+        .request(
+            reqwest::Method::POST,
+            "/v1/accounts",
+            &server.admin_token,
+            |request| {
+                request
+                    .header("content-type", "application/json")
+                    .body(vec![b'{', b'"', 0xff, 0xfe, b'"', b'}'])
+            },
+        )
         .await;
     invalid_utf8.problem(400);
-    assert_eq!(server.head().await, before, "no bad request appended anything");
+    assert_eq!(
+        server.head().await,
+        before,
+        "no bad request appended anything"
+    );
 }
 
 async fn validation_names_every_field_at_fault(server: &Server) {
@@ -170,7 +240,10 @@ async fn validation_names_every_field_at_fault(server: &Server) {
         .await;
     let fields = reply.problem(422);
     for field in ["name", "amount.amount", "amount.currency", "expected_close"] {
-        assert!(fields.iter().any(|f| f == field), "{field} missing from {fields:?}");
+        assert!(
+            fields.iter().any(|f| f == field),
+            "{field} missing from {fields:?}"
+        );
     }
 }
 
@@ -180,11 +253,17 @@ async fn repeated_create_with_the_same_id(server: &Server) {
     body["id"] = json!(id);
     let first = server.post("/v1/accounts", &body).await;
     assert_eq!(first.status, 201, "{first:?}");
-    assert_eq!(first.header("location"), Some(format!("/v1/accounts/{id}").as_str()));
+    assert_eq!(
+        first.header("location"),
+        Some(format!("/v1/accounts/{id}").as_str())
+    );
     let head = server.head().await;
     let again = server.post("/v1/accounts", &body).await;
     assert_eq!(again.status, 200, "{again:?}");
-    assert_eq!((again.id(), &again.body["version"]), (id.clone(), &json!(1)));
+    assert_eq!(
+        (again.id(), &again.body["version"]),
+        (id.clone(), &json!(1))
+    );
     body["name"] = json!("Someone Else");
     server.post("/v1/accounts", &body).await.problem(409);
     assert_eq!(server.head().await, head, "neither repeat appended");
@@ -192,16 +271,41 @@ async fn repeated_create_with_the_same_id(server: &Server) {
 
 async fn auth_and_roles_are_enforced(server: &Server) {
     let before = server.head().await;
-    let anonymous = server.http.post(server.url("/v1/accounts")).json(&account_body()).send().await.unwrap();
+    let anonymous = server
+        .http
+        .post(server.url("/v1/accounts"))
+        .json(&account_body())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(anonymous.status(), 401);
-    server.request(reqwest::Method::POST, "/v1/accounts", "not-a-token", |r| r.json(&account_body())).await.problem(401);
+    server
+        .request(reqwest::Method::POST, "/v1/accounts", "not-a-token", |r| {
+            r.json(&account_body())
+        })
+        .await
+        .problem(401);
     let viewer = server.token("vera", "viewer").await.unwrap();
-    server.request(reqwest::Method::POST, "/v1/accounts", &viewer, |r| r.json(&account_body())).await.problem(403);
+    server
+        .request(reqwest::Method::POST, "/v1/accounts", &viewer, |r| {
+            r.json(&account_body())
+        })
+        .await
+        .problem(403);
     let support = server.token("sam", "support").await.unwrap();
-    server.request(reqwest::Method::POST, "/v1/accounts", &support, |r| r.json(&account_body())).await.problem(403);
+    server
+        .request(reqwest::Method::POST, "/v1/accounts", &support, |r| {
+            r.json(&account_body())
+        })
+        .await
+        .problem(403);
     assert_eq!(server.head().await, before);
     let sales = server.token("alice", "sales").await.unwrap();
-    let created = server.request(reqwest::Method::POST, "/v1/accounts", &sales, |r| r.json(&account_body())).await;
+    let created = server
+        .request(reqwest::Method::POST, "/v1/accounts", &sales, |r| {
+            r.json(&account_body())
+        })
+        .await;
     assert_eq!(created.status, 201, "{created:?}");
     let events = server.events("account", &created.id()).await;
     assert_eq!(events[0]["metadata"]["actor"], "alice");
@@ -210,16 +314,51 @@ async fn auth_and_roles_are_enforced(server: &Server) {
 
 async fn unknown_records_and_illegal_moves(server: &Server) {
     let missing = uuid::Uuid::now_v7();
-    server.post(&format!("/v1/opportunities/{missing}/advance"), &json!({"stage": "proposal"})).await.problem(404);
-    server.post("/v1/opportunities/not-a-uuid/advance", &json!({"stage": "proposal"})).await.problem(404);
-    server.get(&format!("/v1/streams/opportunity/{missing}/events")).await.problem(404);
+    server
+        .post(
+            &format!("/v1/opportunities/{missing}/advance"),
+            &json!({"stage": "proposal"}),
+        )
+        .await
+        .problem(404);
+    server
+        .post(
+            "/v1/opportunities/not-a-uuid/advance",
+            &json!({"stage": "proposal"}),
+        )
+        .await
+        .problem(404);
+    server
+        .get(&format!("/v1/streams/opportunity/{missing}/events"))
+        .await
+        .problem(404);
     let id = new_opportunity(server).await;
-    server.post(&format!("/v1/opportunities/{id}/advance"), &json!({"stage": "warp"})).await.problem(422);
-    let won = server.post(&format!("/v1/opportunities/{id}/win"), &json!({"close_value": {"amount": "12000.00", "currency": "USD"}})).await;
+    server
+        .post(
+            &format!("/v1/opportunities/{id}/advance"),
+            &json!({"stage": "warp"}),
+        )
+        .await
+        .problem(422);
+    let won = server
+        .post(
+            &format!("/v1/opportunities/{id}/win"),
+            &json!({"close_value": {"amount": "12000.00", "currency": "USD"}}),
+        )
+        .await;
     assert_eq!(won.status, 200, "{won:?}");
-    server.post(&format!("/v1/opportunities/{id}/advance"), &json!({"stage": "proposal"})).await.problem(409);
+    server
+        .post(
+            &format!("/v1/opportunities/{id}/advance"),
+            &json!({"stage": "proposal"}),
+        )
+        .await
+        .problem(409);
     let no_value = new_opportunity(server).await;
-    let fields = server.post(&format!("/v1/opportunities/{no_value}/win"), &json!({})).await.problem(422);
+    let fields = server
+        .post(&format!("/v1/opportunities/{no_value}/win"), &json!({}))
+        .await
+        .problem(422);
     assert_eq!(fields, vec!["close_value"]);
 }
 

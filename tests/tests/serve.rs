@@ -9,15 +9,31 @@ use serde_json::{json, Value};
 async fn first_start_explains_how_to_get_a_token() {
     let server = Server::start(Backend::Sqlite).await.unwrap();
     let printed = server.stdout_lines.join("\n");
-    assert!(printed.contains("crm token issue"), "first start prints how to get a token: {printed}");
+    assert!(
+        printed.contains("crm token issue"),
+        "first start prints how to get a token: {printed}"
+    );
     assert!(server.data_dir.path().join("token-secret").exists());
     assert!(server.data_dir.path().join("crm.db").exists());
-    let health = server.http.get(server.url("/healthz")).send().await.unwrap();
+    let health = server
+        .http
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200, "health needs no token");
     let openapi = server.get("/openapi.json").await;
     assert_eq!(openapi.status, 200);
-    for path in ["/v1/leads/{id}/convert", "/v1/opportunities/{id}/advance", "/v1/cases/{id}/resolve", "/v1/streams/{stream_type}/{id}/events"] {
-        assert!(openapi.body["paths"][path].is_object(), "{path} is documented");
+    for path in [
+        "/v1/leads/{id}/convert",
+        "/v1/opportunities/{id}/advance",
+        "/v1/cases/{id}/resolve",
+        "/v1/streams/{stream_type}/{id}/events",
+    ] {
+        assert!(
+            openapi.body["paths"][path].is_object(),
+            "{path} is documented"
+        );
     }
     server.finish().await;
 }
@@ -30,7 +46,13 @@ async fn a_lead_becomes_a_customer_with_a_won_deal_and_a_resolved_case() {
         .await;
     assert_eq!(lead.status, 201, "{lead:?}");
     let lead_id = lead.id();
-    assert_eq!(server.post(&format!("/v1/leads/{lead_id}/qualify"), &json!({})).await.status, 200);
+    assert_eq!(
+        server
+            .post(&format!("/v1/leads/{lead_id}/qualify"), &json!({}))
+            .await
+            .status,
+        200
+    );
     let head_before = server.head().await;
     let converted = server
         .post(
@@ -46,9 +68,16 @@ async fn a_lead_becomes_a_customer_with_a_won_deal_and_a_resolved_case() {
     let contact_id = became["contact_id"].as_str().unwrap().to_string();
     let opportunity_id = became["opportunity_id"].as_str().unwrap().to_string();
     assert_eq!(server.events("account", &account_id).await.len(), 1);
-    assert_eq!(server.events("contact", &contact_id).await[0]["payload"]["email"], "b@beta.example");
+    assert_eq!(
+        server.events("contact", &contact_id).await[0]["payload"]["email"],
+        "b@beta.example"
+    );
     assert_eq!(server.events("opportunity", &opportunity_id).await.len(), 1);
-    assert_eq!(server.head().await, head_before + 4, "lead, account, contact and opportunity in one append");
+    assert_eq!(
+        server.head().await,
+        head_before + 4,
+        "lead, account, contact and opportunity in one append"
+    );
     let conversion_positions: Vec<i64> = [
         server.events("account", &account_id).await,
         server.events("contact", &contact_id).await,
@@ -57,7 +86,9 @@ async fn a_lead_becomes_a_customer_with_a_won_deal_and_a_resolved_case() {
     .iter()
     .map(|events| events[0]["position"].as_i64().unwrap())
     .collect();
-    assert!(conversion_positions.iter().all(|position| *position > head_before && *position <= head_before + 4));
+    assert!(conversion_positions
+        .iter()
+        .all(|position| *position > head_before && *position <= head_before + 4));
 
     let call = server
         .post(
@@ -67,23 +98,49 @@ async fn a_lead_becomes_a_customer_with_a_won_deal_and_a_resolved_case() {
         .await;
     assert_eq!(call.status, 200, "{call:?}");
     for stage in ["qualification", "proposal", "negotiation"] {
-        let moved = server.post(&format!("/v1/opportunities/{opportunity_id}/advance"), &json!({"stage": stage, "reason": "next step"})).await;
+        let moved = server
+            .post(
+                &format!("/v1/opportunities/{opportunity_id}/advance"),
+                &json!({"stage": stage, "reason": "next step"}),
+            )
+            .await;
         assert_eq!(moved.status, 200, "{moved:?}");
     }
     let patched = server
-        .send(reqwest::Method::PATCH, &format!("/v1/opportunities/{opportunity_id}"), &json!({"amount": {"amount": "15000.00", "currency": "USD"}, "owner": "bob"}))
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/v1/opportunities/{opportunity_id}"),
+            &json!({"amount": {"amount": "15000.00", "currency": "USD"}, "owner": "bob"}),
+        )
         .await;
     assert_eq!(patched.status, 200, "{patched:?}");
-    let won = server.post(&format!("/v1/opportunities/{opportunity_id}/win"), &json!({"close_value": {"amount": "14500.00", "currency": "USD"}})).await;
+    let won = server
+        .post(
+            &format!("/v1/opportunities/{opportunity_id}/win"),
+            &json!({"close_value": {"amount": "14500.00", "currency": "USD"}}),
+        )
+        .await;
     assert_eq!(won.status, 200, "{won:?}");
     assert_eq!(won.body["version"], 6);
 
     let history = server.events("opportunity", &opportunity_id).await;
-    let update = history.iter().find(|event| event["event_type"] == "OpportunityUpdated").expect("update event");
+    let update = history
+        .iter()
+        .find(|event| event["event_type"] == "OpportunityUpdated")
+        .expect("update event");
     let changes = update["payload"]["changes"].as_array().unwrap();
-    let amount = changes.iter().find(|change| change["field"] == "amount").expect("amount change");
-    assert_eq!(amount["old"], json!({"amount": "12000.00", "currency": "USD"}));
-    assert_eq!(amount["new"], json!({"amount": "15000.00", "currency": "USD"}));
+    let amount = changes
+        .iter()
+        .find(|change| change["field"] == "amount")
+        .expect("amount change");
+    assert_eq!(
+        amount["old"],
+        json!({"amount": "12000.00", "currency": "USD"})
+    );
+    assert_eq!(
+        amount["new"],
+        json!({"amount": "15000.00", "currency": "USD"})
+    );
     assert_eq!(update["metadata"]["actor"], "test-admin");
     assert_eq!(update["metadata"]["command"], "opportunity.update");
 
@@ -94,28 +151,49 @@ async fn a_lead_becomes_a_customer_with_a_won_deal_and_a_resolved_case() {
     let case_id = case.id();
     for (command, body) in [
         ("assign", json!({"assignee": "bob"})),
-        ("comment", json!({"body": "Looking into it", "public": true})),
+        (
+            "comment",
+            json!({"body": "Looking into it", "public": true}),
+        ),
         ("escalate", json!({"reason": "VIP customer"})),
         ("resolve", json!({"resolution": "Reset SSO session"})),
         ("close", json!({})),
     ] {
-        let reply = server.post(&format!("/v1/cases/{case_id}/{command}"), &body).await;
+        let reply = server
+            .post(&format!("/v1/cases/{case_id}/{command}"), &body)
+            .await;
         assert_eq!(reply.status, 200, "{command}: {reply:?}");
     }
     let opened = &server.events("case", &case_id).await[0]["payload"];
-    assert!(opened["first_response_due"].is_string() && opened["resolution_due"].is_string(), "{opened}");
-    server.post(&format!("/v1/cases/{case_id}/comment"), &json!({"body": "late"})).await.problem(409);
+    assert!(
+        opened["first_response_due"].is_string() && opened["resolution_due"].is_string(),
+        "{opened}"
+    );
+    server
+        .post(
+            &format!("/v1/cases/{case_id}/comment"),
+            &json!({"body": "late"}),
+        )
+        .await
+        .problem(409);
     server.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_loses_no_acknowledged_command() {
     let server = Server::start(Backend::Sqlite).await.unwrap();
-    let account = server.post("/v1/accounts", &json!({"name": "Durable Inc"})).await.id();
+    let account = server
+        .post("/v1/accounts", &json!({"name": "Durable Inc"}))
+        .await
+        .id();
     let server = std::sync::Arc::new(tokio::sync::Mutex::new(server));
     let (base_url, token, http) = {
         let guard = server.lock().await;
-        (guard.base_url.clone(), guard.admin_token.clone(), guard.http.clone())
+        (
+            guard.base_url.clone(),
+            guard.admin_token.clone(),
+            guard.http.clone(),
+        )
     };
     let senders = (0..200).map(|i| {
         let (base_url, token, http, account) = (base_url.clone(), token.clone(), http.clone(), account.clone());
@@ -138,11 +216,21 @@ async fn sigterm_loses_no_acknowledged_command() {
     };
     let (acknowledged, ()) = tokio::join!(join_all(senders), stopper);
     let acknowledged: Vec<String> = acknowledged.into_iter().flatten().collect();
-    assert!(!acknowledged.is_empty(), "some contacts were acknowledged before the stop");
-    let server = std::sync::Arc::try_unwrap(server).ok().unwrap().into_inner();
+    assert!(
+        !acknowledged.is_empty(),
+        "some contacts were acknowledged before the stop"
+    );
+    let server = std::sync::Arc::try_unwrap(server)
+        .ok()
+        .unwrap()
+        .into_inner();
     let server = server.restart().await;
     for id in &acknowledged {
-        assert_eq!(server.events("contact", id).await.len(), 1, "acknowledged contact {id} survived the restart");
+        assert_eq!(
+            server.events("contact", id).await.len(),
+            1,
+            "acknowledged contact {id} survived the restart"
+        );
     }
     server.finish().await;
 }

@@ -24,9 +24,14 @@ pub async fn register(
     body: JsonBody<RegisterAccountInput>,
 ) -> Result<Outcome, Problem> {
     let id = body.value.id.unwrap_or_else(Uuid::now_v7);
-    let route = Route { stream_type: "account", command: "register", path: "POST /v1/accounts" };
-    run::<Account>(&app, &actor, &headers, route, id, &body.body_hash, Mode::Create, |now| {
-        body.value.into_command(AccountId::new(id), now).map(|command| vec![command])
+    let route = Route {
+        stream_type: "account",
+        command: "register",
+        mode: Mode::Create,
+        path: "POST /v1/accounts",
+    };
+    run::<Account>(&app, &actor, &headers, route, id, &body.body_hash, |now| {
+        body.value.into_command(AccountId::new(id), now)
     })
     .await
 }
@@ -41,8 +46,13 @@ pub async fn update(
     headers: HeaderMap,
     body: JsonBody<UpdateAccountInput>,
 ) -> Result<Outcome, Problem> {
-    let route = Route { stream_type: "account", command: "update", path: "PATCH /v1/accounts/{id}" };
-    run::<Account>(&app, &actor, &headers, route, id, &body.body_hash, Mode::Update, |now| {
+    let route = Route {
+        stream_type: "account",
+        command: "update",
+        mode: Mode::Update,
+        path: "PATCH /v1/accounts/{id}",
+    };
+    run::<Account>(&app, &actor, &headers, route, id, &body.body_hash, |now| {
         body.value.into_command(now)
     })
     .await

@@ -28,13 +28,21 @@ pub async fn open(
     require_existing(
         &app,
         &actor,
-        &[("account_id", "account", body.value.account_id), ("contact_id", "contact", body.value.contact_id)],
+        &[
+            ("account_id", "account", body.value.account_id),
+            ("contact_id", "contact", body.value.contact_id),
+        ],
     )
     .await?;
     let id = body.value.id.unwrap_or_else(Uuid::now_v7);
-    let route = Route { stream_type: "case", command: "open", path: "POST /v1/cases" };
-    run::<Case>(&app, &actor, &headers, route, id, &body.body_hash, Mode::Create, |now| {
-        body.value.into_command(CaseId::new(id), now).map(|command| vec![command])
+    let route = Route {
+        stream_type: "case",
+        command: "open",
+        mode: Mode::Create,
+        path: "POST /v1/cases",
+    };
+    run::<Case>(&app, &actor, &headers, route, id, &body.body_hash, |now| {
+        body.value.into_command(CaseId::new(id), now)
     })
     .await
 }

@@ -24,11 +24,21 @@ pub async fn create(
     headers: HeaderMap,
     body: JsonBody<CreateContactInput>,
 ) -> Result<Outcome, Problem> {
-    require_existing(&app, &actor, &[("account_id", "account", body.value.account_id)]).await?;
+    require_existing(
+        &app,
+        &actor,
+        &[("account_id", "account", body.value.account_id)],
+    )
+    .await?;
     let id = body.value.id.unwrap_or_else(Uuid::now_v7);
-    let route = Route { stream_type: "contact", command: "create", path: "POST /v1/contacts" };
-    run::<Contact>(&app, &actor, &headers, route, id, &body.body_hash, Mode::Create, |now| {
-        body.value.into_command(ContactId::new(id), now).map(|command| vec![command])
+    let route = Route {
+        stream_type: "contact",
+        command: "create",
+        mode: Mode::Create,
+        path: "POST /v1/contacts",
+    };
+    run::<Contact>(&app, &actor, &headers, route, id, &body.body_hash, |now| {
+        body.value.into_command(ContactId::new(id), now)
     })
     .await
 }
@@ -43,10 +53,20 @@ pub async fn update(
     headers: HeaderMap,
     body: JsonBody<UpdateContactInput>,
 ) -> Result<Outcome, Problem> {
-    require_existing(&app, &actor, &[("account_id", "account", body.value.account_id)]).await?;
-    let route = Route { stream_type: "contact", command: "update", path: "PATCH /v1/contacts/{id}" };
-    run::<Contact>(&app, &actor, &headers, route, id, &body.body_hash, Mode::Update, |now| {
-        body.value.into_command(now).map(|command| vec![command])
+    require_existing(
+        &app,
+        &actor,
+        &[("account_id", "account", body.value.account_id)],
+    )
+    .await?;
+    let route = Route {
+        stream_type: "contact",
+        command: "update",
+        mode: Mode::Update,
+        path: "PATCH /v1/contacts/{id}",
+    };
+    run::<Contact>(&app, &actor, &headers, route, id, &body.body_hash, |now| {
+        body.value.into_command(now)
     })
     .await
 }
@@ -71,9 +91,14 @@ pub async fn log_activity(
     )
     .await?;
     let activity_id = ActivityId::new(body.value.id.unwrap_or_else(Uuid::now_v7));
-    let route = Route { stream_type: "contact", command: "log_activity", path: "POST /v1/contacts/{id}/activities" };
-    run::<Contact>(&app, &actor, &headers, route, id, &body.body_hash, Mode::Update, |now| {
-        body.value.into_command(activity_id, now).map(|command| vec![command])
+    let route = Route {
+        stream_type: "contact",
+        command: "log_activity",
+        mode: Mode::Update,
+        path: "POST /v1/contacts/{id}/activities",
+    };
+    run::<Contact>(&app, &actor, &headers, route, id, &body.body_hash, |now| {
+        body.value.into_command(activity_id, now)
     })
     .await
 }

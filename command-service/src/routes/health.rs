@@ -23,5 +23,8 @@ pub async fn readyz(State(app): State<App>) -> Result<(StatusCode, Json<Value>),
         .head_position()
         .await
         .map_err(|error| Problem::unavailable(format!("event log unavailable: {error}")))?;
-    Ok((StatusCode::OK, Json(json!({"status": "ready", "head_position": head}))))
+    Ok((
+        StatusCode::OK,
+        Json(json!({"status": "ready", "head_position": head})),
+    ))
 }

@@ -18,7 +18,9 @@ use super::{require_existing, run, update_route, PathId, Route};
 use crate::app::{App, CommandResponse};
 use crate::auth::Actor;
 use crate::body::JsonBody;
-use crate::executor::{check_if_match, domain_problem, new_events, Appended, Mode, Outcome, Staged};
+use crate::executor::{
+    check_if_match, domain_problem, new_events, Appended, Mode, Outcome, Staged,
+};
 use crate::problem::Problem;
 
 /// Capture a lead.
@@ -31,9 +33,14 @@ pub async fn capture(
     body: JsonBody<CaptureLeadInput>,
 ) -> Result<Outcome, Problem> {
     let id = body.value.id.unwrap_or_else(Uuid::now_v7);
-    let route = Route { stream_type: "lead", command: "capture", path: "POST /v1/leads" };
-    run::<Lead>(&app, &actor, &headers, route, id, &body.body_hash, Mode::Create, |now| {
-        body.value.into_command(LeadId::new(id), now).map(|command| vec![command])
+    let route = Route {
+        stream_type: "lead",
+        command: "capture",
+        mode: Mode::Create,
+        path: "POST /v1/leads",
+    };
+    run::<Lead>(&app, &actor, &headers, route, id, &body.body_hash, |now| {
+        body.value.into_command(LeadId::new(id), now)
     })
     .await
 }
@@ -56,14 +63,30 @@ pub async fn convert(
     headers: HeaderMap,
     body: JsonBody<ConvertLeadInput>,
 ) -> Result<Outcome, Problem> {
-    let ctx = app.context(&actor, "lead", "convert", "POST /v1/leads/{id}/convert", &headers, &body.body_hash)?;
-    for (stream_type, command) in [("account", "register"), ("contact", "create"), ("opportunity", "open")] {
+    let ctx = app.context(
+        &actor,
+        "lead",
+        "convert",
+        "POST /v1/leads/{id}/convert",
+        &headers,
+        &body.body_hash,
+    )?;
+    for (stream_type, command) in [
+        ("account", "register"),
+        ("contact", "create"),
+        ("opportunity", "open"),
+    ] {
         actor.require_command(stream_type, command)?;
     }
     if let Some(outcome) = app.executor.replay(&ctx).await? {
         return Ok(outcome);
     }
-    require_existing(&app, &actor, &[("account_id", "account", body.value.account_id)]).await?;
+    require_existing(
+        &app,
+        &actor,
+        &[("account_id", "account", body.value.account_id)],
+    )
+    .await?;
     let executor = &app.executor;
     let stream_id = id.to_string();
     for _attempt in 0..8 {
@@ -77,7 +100,8 @@ pub async fn convert(
             contact_id: ContactId::new(Uuid::now_v7()),
             opportunity_id: OpportunityId::new(Uuid::now_v7()),
         };
-        let plan = plan_conversion(&lead.state, body.value.clone(), ids, ctx.now).map_err(domain_problem)?;
+        let plan = plan_conversion(&lead.state, body.value.clone(), ids, ctx.now)
+            .map_err(domain_problem)?;
         let mut staged = vec![Staged {
             stream_type: "lead",
             stream_id: stream_id.clone(),
@@ -86,14 +110,28 @@ pub async fn convert(
         }];
         if let Some((account_id, command)) = plan.account {
             let events = Account::default().decide(command).map_err(domain_problem)?;
-            staged.push(created("account", account_id.to_string(), new_events(&ctx, &events)?));
+            staged.push(created(
+                "account",
+                account_id.to_string(),
+                new_events(&ctx, &events)?,
+            ));
         }
         let (contact_id, command) = plan.contact;
         let events = Contact::default().decide(command).map_err(domain_problem)?;
-        staged.push(created("contact", contact_id.to_string(), new_events(&ctx, &events)?));
+        staged.push(created(
+            "contact",
+            contact_id.to_string(),
+            new_events(&ctx, &events)?,
+        ));
         if let Some((opportunity_id, command)) = plan.opportunity {
-            let events = Opportunity::default().decide(command).map_err(domain_problem)?;
-            staged.push(created("opportunity", opportunity_id.to_string(), new_events(&ctx, &events)?));
+            let events = Opportunity::default()
+                .decide(command)
+                .map_err(domain_problem)?;
+            staged.push(created(
+                "opportunity",
+                opportunity_id.to_string(),
+                new_events(&ctx, &events)?,
+            ));
         }
         match executor.append(&ctx, staged, StatusCode::OK).await? {
             Appended::Committed(outcome) | Appended::Replayed(outcome) => return Ok(outcome),
@@ -103,9 +141,20 @@ pub async fn convert(
             Appended::Conflict => continue,
         }
     }
-    Err(Problem::conflict("the lead is being changed by many writers at once; retry"))
+    Err(Problem::conflict(
+        "the lead is being changed by many writers at once; retry",
+    ))
 }
 
-fn created(stream_type: &'static str, stream_id: String, events: Vec<crm_eventlog::NewEvent>) -> Staged {
-    Staged { stream_type, stream_id, expected_version: 0, events }
+fn created(
+    stream_type: &'static str,
+    stream_id: String,
+    events: Vec<crm_eventlog::NewEvent>,
+) -> Staged {
+    Staged {
+        stream_type,
+        stream_id,
+        expected_version: 0,
+        events,
+    }
 }

@@ -43,6 +43,7 @@ pub struct Route {
     pub stream_type: &'static str,
     pub command: &'static str,
     pub path: &'static str,
+    pub mode: Mode,
 }
 
 /// Authorises, builds the context and runs commands on one aggregate.
@@ -53,15 +54,23 @@ pub async fn run<A: Stream>(
     route: Route,
     stream_id: Uuid,
     body_hash: &str,
-    mode: Mode,
-    build: impl FnOnce(DateTime<Utc>) -> Result<Vec<A::Command>, ValidationErrors>,
+    build: impl FnOnce(DateTime<Utc>) -> Result<A::Command, ValidationErrors>,
 ) -> Result<Outcome, Problem>
 where
     A::Command: Clone,
 {
-    let ctx = app.context(actor, route.stream_type, route.command, route.path, headers, body_hash)?;
-    let commands = build(ctx.now).map_err(|errors| Problem::validation(errors.0))?;
-    app.executor.execute::<A>(&ctx, stream_id, commands, mode).await
+    let ctx = app.context(
+        actor,
+        route.stream_type,
+        route.command,
+        route.path,
+        headers,
+        body_hash,
+    )?;
+    let command = build(ctx.now).map_err(|errors| Problem::validation(errors.0))?;
+    app.executor
+        .execute::<A>(&ctx, stream_id, command, route.mode)
+        .await
 }
 
 /// Refuses a body that points at a record which does not exist.
@@ -116,10 +125,11 @@ macro_rules! update_route {
                 stream_type: $stream,
                 command: $command,
                 path: concat!(stringify!($method), " ", $path),
+                mode: crate::executor::Mode::Update,
             };
             crate::routes::run::<$aggregate>(
-                &app, &actor, &headers, route, id, &body.body_hash, crate::executor::Mode::Update,
-                |now| body.value.into_command(now).map(|command| vec![command]),
+                &app, &actor, &headers, route, id, &body.body_hash,
+                |now| body.value.into_command(now),
             )
             .await
         }

@@ -26,11 +26,21 @@ pub async fn open(
     headers: HeaderMap,
     body: JsonBody<OpenOpportunityInput>,
 ) -> Result<Outcome, Problem> {
-    require_existing(&app, &actor, &[("account_id", "account", Some(body.value.account_id))]).await?;
+    require_existing(
+        &app,
+        &actor,
+        &[("account_id", "account", Some(body.value.account_id))],
+    )
+    .await?;
     let id = body.value.id.unwrap_or_else(Uuid::now_v7);
-    let route = Route { stream_type: "opportunity", command: "open", path: "POST /v1/opportunities" };
-    run::<Opportunity>(&app, &actor, &headers, route, id, &body.body_hash, Mode::Create, |now| {
-        body.value.into_command(OpportunityId::new(id), now).map(|command| vec![command])
+    let route = Route {
+        stream_type: "opportunity",
+        command: "open",
+        mode: Mode::Create,
+        path: "POST /v1/opportunities",
+    };
+    run::<Opportunity>(&app, &actor, &headers, route, id, &body.body_hash, |now| {
+        body.value.into_command(OpportunityId::new(id), now)
     })
     .await
 }

@@ -44,7 +44,8 @@ pub async fn events(
     Path((stream_type, stream_id)): Path<(String, String)>,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<History>, Problem> {
-    let Query(query) = query.map_err(|rejection| Problem::bad_request("query", rejection.body_text()))?;
+    let Query(query) =
+        query.map_err(|rejection| Problem::bad_request("query", rejection.body_text()))?;
     if !STREAM_TYPES.contains(&stream_type.as_str()) {
         return Err(Problem::not_found(format!(
             "unknown stream type `{stream_type}`; expected one of {}",
@@ -57,7 +58,10 @@ pub async fn events(
     }
     let limit = query.limit.unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(Problem::bad_request("limit", format!("must be 1..={MAX_PAGE}")));
+        return Err(Problem::bad_request(
+            "limit",
+            format!("must be 1..={MAX_PAGE}"),
+        ));
     }
     let log = app.executor.log();
     let version = log
@@ -65,12 +69,29 @@ pub async fn events(
         .await
         .map_err(|error| Problem::internal(&error))?;
     if version == 0 {
-        return Err(Problem::not_found(format!("no {stream_type} with id {stream_id}")));
+        return Err(Problem::not_found(format!(
+            "no {stream_type} with id {stream_id}"
+        )));
     }
     let events = log
-        .read_stream(&actor.tenant, &stream_type, &stream_id, after_version, limit)
+        .read_stream(
+            &actor.tenant,
+            &stream_type,
+            &stream_id,
+            after_version,
+            limit,
+        )
         .await
         .map_err(|error| Problem::internal(&error))?;
-    let next_after_version = events.last().map(|event| event.version).filter(|last| *last < version);
-    Ok(Json(History { stream_type, stream_id, version, events, next_after_version }))
+    let next_after_version = events
+        .last()
+        .map(|event| event.version)
+        .filter(|last| *last < version);
+    Ok(Json(History {
+        stream_type,
+        stream_id,
+        version,
+        events,
+        next_after_version,
+    }))
 }
