@@ -10,7 +10,8 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
 }
 
-/// A uniquely named PostgreSQL database for one test. Call [`PgTestDb::drop_db`] at the end.
+/// A uniquely named PostgreSQL database for one test. Call [`PgTestDb::drop_db`]
+/// at the end; if the test panics first, dropping the value removes the database.
 #[derive(Debug)]
 pub struct PgTestDb {
     /// Connection URL of the new database.
@@ -18,6 +19,7 @@ pub struct PgTestDb {
     /// Name of the new database.
     pub name: String,
     admin_url: String,
+    dropped: bool,
 }
 
 /// Replaces the database name (URL path) of a postgres URL.
@@ -74,26 +76,49 @@ impl PgTestDb {
             url: with_database(&admin_url, &name),
             name,
             admin_url,
+            dropped: false,
         })
     }
 
     /// Drops the database (`WITH (FORCE)` disconnects leftover sessions).
-    pub async fn drop_db(self) {
-        match PgConnection::connect(&self.admin_url).await {
-            Ok(mut conn) => {
-                if let Err(e) = sqlx::query(&format!(
-                    "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                    self.name
-                ))
-                .execute(&mut conn)
-                .await
-                {
-                    eprintln!("warning: dropping test database {}: {e}", self.name);
-                }
-                drop(conn.close().await);
-            }
-            Err(e) => eprintln!("warning: dropping test database {}: {e}", self.name),
+    pub async fn drop_db(mut self) {
+        self.dropped = true;
+        drop_database(&self.admin_url, &self.name).await;
+    }
+}
+
+impl Drop for PgTestDb {
+    fn drop(&mut self) {
+        if self.dropped {
+            return;
         }
+        // Drop may run inside a runtime (a panicking test), which must not block
+        // on itself: do the work on a thread with a runtime of its own.
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        let cleanup =
+            std::thread::spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(drop_database(&admin_url, &name)),
+                    Err(e) => eprintln!("warning: dropping test database {name}: {e}"),
+                }
+            });
+        let _ = cleanup.join();
+    }
+}
+
+async fn drop_database(admin_url: &str, name: &str) {
+    match PgConnection::connect(admin_url).await {
+        Ok(mut conn) => {
+            let statement = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+            if let Err(e) = sqlx::query(&statement).execute(&mut conn).await {
+                eprintln!("warning: dropping test database {name}: {e}");
+            }
+            drop(conn.close().await);
+        }
+        Err(e) => eprintln!("warning: dropping test database {name}: {e}"),
     }
 }
 

@@ -362,6 +362,150 @@ async fn unknown_records_and_illegal_moves(server: &Server) {
     assert_eq!(fields, vec!["close_value"]);
 }
 
+async fn every_other_command_route_works(server: &Server) {
+    let ok = |reply: crm_tests::Reply| {
+        assert!(reply.status == 200 || reply.status == 201, "{reply:?}");
+        reply
+    };
+    let lead = ok(server
+        .post(
+            "/v1/leads",
+            &json!({"name": "Nobody", "email": "n@x.example", "source": "event"}),
+        )
+        .await)
+    .id();
+    ok(server
+        .post(
+            &format!("/v1/leads/{lead}/disqualify"),
+            &json!({"reason": "no budget"}),
+        )
+        .await);
+    server
+        .post(&format!("/v1/leads/{lead}/qualify"), &json!({}))
+        .await
+        .problem(409);
+
+    let account = new_account(server).await;
+    let account_path = format!("/v1/accounts/{account}");
+    let patch = |body: Value| {
+        let path = account_path.clone();
+        async move { server.send(reqwest::Method::PATCH, &path, &body).await }
+    };
+    ok(
+        patch(json!({"industry": "retail", "employees": 120, "website": "https://acme.example"}))
+            .await,
+    );
+    ok(patch(json!({"owner": "bob"})).await);
+    ok(patch(json!({"archived": true})).await);
+    patch(json!({"industry": "finance"})).await.problem(409);
+    ok(patch(json!({"archived": false})).await);
+    let types: Vec<String> = server
+        .events("account", &account)
+        .await
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "AccountRegistered",
+            "AccountDetailsUpdated",
+            "AccountOwnerAssigned",
+            "AccountArchived",
+            "AccountRestored"
+        ]
+    );
+
+    let contact = ok(server
+        .post(
+            "/v1/contacts",
+            &json!({"account_id": account, "name": "Jane Doe", "email": "jane@acme.example"}),
+        )
+        .await)
+    .id();
+    ok(server
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/v1/contacts/{contact}"),
+            &json!({"title": "CTO", "preferred_channel": "phone"}),
+        )
+        .await);
+    let task_id = uuid::Uuid::now_v7();
+    ok(server
+        .post(
+            &format!("/v1/contacts/{contact}/activities"),
+            &json!({"id": task_id, "kind": "task", "subject": "Send proposal"}),
+        )
+        .await);
+    ok(server
+        .post(
+            &format!("/v1/contacts/{contact}/tasks/complete"),
+            &json!({"activity_id": task_id}),
+        )
+        .await);
+    server
+        .post(
+            &format!("/v1/contacts/{contact}/tasks/complete"),
+            &json!({"activity_id": task_id}),
+        )
+        .await
+        .problem(409);
+
+    let opportunity = new_opportunity(server).await;
+    ok(server
+        .post(
+            &format!("/v1/opportunities/{opportunity}/advance"),
+            &json!({"stage": "proposal"}),
+        )
+        .await);
+    ok(server
+        .post(
+            &format!("/v1/opportunities/{opportunity}/lose"),
+            &json!({"reason": "price", "competitor": "Globex"}),
+        )
+        .await);
+    let reopened = ok(server
+        .post(
+            &format!("/v1/opportunities/{opportunity}/reopen"),
+            &json!({"reason": "budget back"}),
+        )
+        .await);
+    assert_eq!(reopened.body["version"], 4);
+    let last = server
+        .events("opportunity", &opportunity)
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(
+        last["payload"]["to"], "proposal",
+        "reopens into the stage it was lost from: {last}"
+    );
+
+    let case = ok(server
+        .post(
+            "/v1/cases",
+            &json!({"contact_id": contact, "subject": "Broken export", "priority": "urgent"}),
+        )
+        .await)
+    .id();
+    ok(server
+        .post(
+            &format!("/v1/cases/{case}/resolve"),
+            &json!({"resolution": "patched"}),
+        )
+        .await);
+    ok(server
+        .post(
+            &format!("/v1/cases/{case}/reopen"),
+            &json!({"reason": "still broken"}),
+        )
+        .await);
+    server
+        .post(&format!("/v1/cases/{case}/close"), &json!({}))
+        .await
+        .problem(409);
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -398,4 +542,5 @@ on_both_backends!(
     repeated_create_with_the_same_id,
     auth_and_roles_are_enforced,
     unknown_records_and_illegal_moves,
+    every_other_command_route_works,
 );
