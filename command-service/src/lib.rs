@@ -2,21 +2,19 @@
 //! expected version, problem+json errors) over the event log.
 //!
 //! - [`app`]: shared state and the command context read from headers
-//! - [`auth`]: bearer tokens and roles
+//! - [`auth`], [`problem`]: bearer tokens and roles, RFC 9457 errors (from `crm-service-kit`)
 //! - [`body`]: the JSON body extractor (limits, field-precise errors)
 //! - [`executor`]: load, decide, append, retry
 //! - [`cache`], [`locks`]: aggregate cache and per-stream serialisation
 //! - [`routes`]: one module per aggregate; [`openapi`]: the API document
-//! - [`problem`]: RFC 9457 errors
 
 pub mod app;
-pub mod auth;
+pub use crm_service_kit::{auth, problem};
 pub mod body;
 pub mod cache;
 pub mod executor;
 pub mod locks;
 pub mod openapi;
-pub mod problem;
 pub mod routes;
 
 use axum::extract::DefaultBodyLimit;

@@ -1,0 +1,115 @@
+//! Creating a generation's tables and folding a batch of events into them
+//! together with the projection's checkpoint, in one transaction.
+
+use crm_eventlog::RecordedEvent;
+
+use crate::projection::{Projection, ProjectionError, Tables};
+use crate::readdb::ReadDb;
+
+/// Creates the tables of one generation (idempotent: `IF NOT EXISTS` DDL).
+pub async fn create_tables(
+    db: &ReadDb,
+    projection: &dyn Projection,
+    tables: &Tables,
+) -> Result<(), sqlx::Error> {
+    let mut tx = db.pool.begin().await?;
+    for statement in projection.schema(tables) {
+        sqlx::query(&statement).execute(&mut *tx).await?;
+    }
+    tx.commit().await
+}
+
+/// Drops the tables of one generation.
+pub async fn drop_tables(
+    db: &ReadDb,
+    projection: &dyn Projection,
+    tables: &Tables,
+) -> Result<(), sqlx::Error> {
+    let mut tx = db.pool.begin().await?;
+    for base in projection.table_names() {
+        sqlx::query(&format!("DROP TABLE IF EXISTS {}", tables.t(base)))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
+/// A batch that could not be folded: nothing of it was written.
+#[derive(Debug)]
+pub struct FoldFailure {
+    /// The event the projection stopped at (None: the batch failed as a whole, e.g. at commit).
+    pub event: Option<RecordedEvent>,
+    pub error: ProjectionError,
+}
+
+/// Folds `events` and runs `finish` (e.g. the checkpoint update) in the same
+/// transaction; all or nothing.
+pub async fn fold_batch(
+    db: &ReadDb,
+    projection: &dyn Projection,
+    tables: &Tables,
+    events: &[RecordedEvent],
+    checkpoint: Option<(&str, i64)>,
+) -> Result<(), FoldFailure> {
+    let whole = |error: sqlx::Error| FoldFailure {
+        event: None,
+        error: error.into(),
+    };
+    let mut tx = db.pool.begin().await.map_err(whole)?;
+    for event in events {
+        if let Err(error) = projection.apply(&mut tx, tables, event).await {
+            return Err(FoldFailure {
+                event: Some(event.clone()),
+                error,
+            });
+        }
+    }
+    if let (Some((name, generation)), Some(last)) = (checkpoint, events.last()) {
+        sqlx::query("UPDATE rm_projections SET checkpoint = $1, updated_at = $2 WHERE name = $3 AND generation = $4")
+            .bind(last.position)
+            .bind(crate::readdb::timestamp(&chrono::Utc::now()))
+            .bind(name.to_string())
+            .bind(generation)
+            .execute(&mut *tx)
+            .await
+            .map_err(whole)?;
+    }
+    tx.commit().await.map_err(whole)
+}
+
+/// Helpers for read-model tests: events as the log would hold them.
+pub mod testkit {
+    use chrono::{DateTime, Utc};
+    use cqrs_es::DomainEvent;
+    use crm_eventlog::RecordedEvent;
+    use serde::Serialize;
+    use serde_json::json;
+
+    /// A recorded event of `stream_type`/`stream_id` at `version` and global `position`.
+    pub fn recorded<E: Serialize + DomainEvent>(
+        stream_type: &str,
+        stream_id: &str,
+        version: i64,
+        position: i64,
+        event: &E,
+        actor: &str,
+        recorded_at: DateTime<Utc>,
+    ) -> RecordedEvent {
+        RecordedEvent {
+            position,
+            event_id: uuid::Uuid::now_v7(),
+            tenant_id: "default".into(),
+            stream_type: stream_type.into(),
+            stream_id: stream_id.into(),
+            version,
+            event_type: event.event_type(),
+            schema_version: 1,
+            payload: serde_json::to_value(event).expect("event serialises"),
+            metadata: json!({"actor": actor, "roles": ["admin"], "command": format!("{stream_type}.test"),
+                             "command_id": uuid::Uuid::now_v7(), "correlation_id": "corr-1", "causation_id": "cause-1"}),
+            recorded_at,
+            prev_hash: None,
+            hash: None,
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! The read-model database: SQLite (embedded, its own file beside the log) or
+//! PostgreSQL, through sqlx's `Any` driver so each projection's SQL is written
+//! once. SQL here uses `$1`-style placeholders (both backends accept them),
+//! each placeholder used once, and only portable types: BIGINT, TEXT, DOUBLE
+//! PRECISION; timestamps as RFC 3339 UTC text with microseconds (sortable),
+//! money amounts as decimal text, JSON as text.
+
+use std::path::Path;
+
+use sqlx::any::{install_default_drivers, AnyPoolOptions};
+use sqlx::AnyPool;
+
+/// Which engine holds the read models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadBackend {
+    Sqlite,
+    Postgres,
+}
+
+/// A pool on the read-model database.
+#[derive(Clone, Debug)]
+pub struct ReadDb {
+    pub pool: AnyPool,
+    pub backend: ReadBackend,
+}
+
+impl ReadDb {
+    /// Opens (creating if needed) an SQLite read-model file.
+    pub async fn open_sqlite(path: &Path) -> Result<Self, sqlx::Error> {
+        Self::connect(&format!("sqlite://{}?mode=rwc", path.display())).await
+    }
+
+    /// `sqlite://...` or `postgres://...`.
+    pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
+        install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            ReadBackend::Sqlite
+        } else {
+            ReadBackend::Postgres
+        };
+        let max_connections = if backend == ReadBackend::Sqlite {
+            4
+        } else {
+            10
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .after_connect(move |connection, _| {
+                Box::pin(async move {
+                    if backend == ReadBackend::Sqlite {
+                        use sqlx::Executor;
+                        connection.execute("PRAGMA journal_mode=WAL").await?;
+                        connection.execute("PRAGMA synchronous=NORMAL").await?;
+                        connection.execute("PRAGMA busy_timeout=10000").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await?;
+        Ok(Self { pool, backend })
+    }
+}
+
+/// Timestamps in the read models: RFC 3339 UTC with microseconds, so text order is time order.
+pub fn timestamp(at: &chrono::DateTime<chrono::Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
