@@ -20,18 +20,16 @@ pub mod routes;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, patch, post};
 use axum::{Json, Router};
-use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
 pub use app::App;
 pub use auth::{Role, Tokens};
 pub use executor::Executor;
-use problem::Problem;
 use routes::{accounts, cases, contacts, health, leads, opportunities, streams};
 
-/// All command routes, raw history, health and the OpenAPI document.
-pub fn router(app: App) -> Router {
+/// All command routes, raw history, health and the OpenAPI document, with
+/// their state but without the outer HTTP stack (so they can be merged).
+pub fn routes(app: App) -> Router {
     Router::new()
         .route("/v1/leads", post(leads::capture))
         .route("/v1/leads/{id}/qualify", post(leads::qualify))
@@ -72,19 +70,11 @@ pub fn router(app: App) -> Router {
             "/openapi.json",
             get(|| async { Json(openapi::ApiDoc::openapi()) }),
         )
-        .fallback(|| async { Problem::not_found("no such route") })
-        .method_not_allowed_fallback(|| async {
-            Problem::new(
-                axum::http::StatusCode::METHOD_NOT_ALLOWED,
-                "method-not-allowed",
-                "Method not allowed",
-                "this route does not accept that method",
-            )
-        })
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
-        .layer(TraceLayer::new_for_http())
-        .layer(CatchPanicLayer::custom(|_panic| {
-            axum::response::IntoResponse::into_response(Problem::internal(&"handler panicked"))
-        }))
         .with_state(app)
+}
+
+/// The command service on its own: [`routes`] inside the shared HTTP stack.
+pub fn router(app: App) -> Router {
+    crm_service_kit::http::stack(routes(app))
 }

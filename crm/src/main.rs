@@ -1,8 +1,10 @@
 //! `crm`: the one binary a user installs. `crm serve` runs the service on the
 //! embedded store; `crm token issue` prints a bearer token.
 
+mod rebuild;
 mod secret;
 mod serve;
+mod stores;
 
 use std::path::PathBuf;
 
@@ -28,6 +30,8 @@ enum Command {
     /// Bearer tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Replay the log into a fresh generation of a projection, then switch to it.
+    Rebuild(rebuild::RebuildArgs),
 }
 
 #[derive(Subcommand)]
@@ -72,6 +76,10 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(serve::serve(args))
+        }
+        Command::Rebuild(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(rebuild::rebuild(args))
         }
         Command::Token(TokenCommand::Issue(args)) => {
             let (secret, _) =

@@ -1,12 +1,18 @@
-//! `crm serve`: the command API on the embedded SQLite log (or the
-//! PostgreSQL one named by `CRM_DATABASE_URL`), with graceful shutdown.
+//! `crm serve`: commands, projections and queries in one process on the
+//! embedded SQLite store (or the PostgreSQL one named by `CRM_DATABASE_URL`),
+//! on one port, with graceful shutdown.
 
 use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Args;
+use std::sync::Arc;
+use std::time::Duration;
+
 use crm_command_service::{App, Executor, Tokens};
-use crm_eventlog::EventLog;
+use crm_projection_service::all_projections;
+use crm_projection_service::runner::{Runner, RunnerSettings};
+use crm_query_service::{LiveSettings, QueryState};
 
 use crate::secret::{self, SecretSource};
 use crate::DataArgs;
@@ -33,15 +39,37 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let (secret, source) = secret::load_or_create(args.data.token_secret.as_deref(), data_dir)?;
     let tokens = Tokens::new(&secret)?;
-    let log = match &args.database_url {
-        Some(url) => EventLog::connect(url)
-            .await
-            .context("connecting to the event log")?,
-        None => EventLog::open_sqlite(&data_dir.join("crm.db"))
-            .await
-            .context("opening the embedded event log")?,
+    let (log, read_db) = crate::stores::open(data_dir, args.database_url.as_deref()).await?;
+    let tokens = Arc::new(tokens);
+    let app = App {
+        executor: Arc::new(Executor::new(log.clone())),
+        tokens: tokens.clone(),
     };
-    let app = App::new(Executor::new(log.clone()), tokens);
+    let runner = Runner::new(
+        log.clone(),
+        read_db.clone(),
+        all_projections(),
+        runner_settings(),
+    );
+    runner
+        .install()
+        .await
+        .context("installing the projections")?;
+    // One switch stops everything: HTTP (gracefully), live feeds and projection workers.
+    let (shutdown, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = shutdown.send(true);
+    });
+    let projection_task = tokio::spawn(runner.run(stopping.clone()));
+    let live = LiveSettings {
+        shutdown: Some(stopping.clone()),
+        ..LiveSettings::default()
+    };
+    let queries = QueryState::new(log.clone(), tokens)
+        .with_live(live)
+        .with_read_models(read_db);
+    let routes = crm_command_service::routes(app).merge(crm_query_service::routes(queries));
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("binding {}", args.http_addr))?;
@@ -56,14 +84,39 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     // Printed last: scripts and tests wait for this line.
     println!("crm listening on http://{address}");
-    axum::serve(listener, crm_command_service::router(app))
-        .with_graceful_shutdown(shutdown_signal())
+    axum::serve(listener, crm_service_kit::http::stack(routes))
+        .with_graceful_shutdown(async move {
+            let mut stopping = stopping;
+            let _ = stopping.wait_for(|stop| *stop).await;
+        })
         .await
         .context("serving HTTP")?;
-    // In-flight commands have been answered; make sure everything acknowledged is on disk.
+    // In-flight commands have been answered and the runner was told to stop;
+    // let it finish its batch, then make sure everything acknowledged is on disk.
+    if let Err(error) = projection_task.await {
+        tracing::error!(%error, "projection runner ended abnormally");
+    }
     log.close().await;
     tracing::info!("crm stopped");
     Ok(())
+}
+
+/// Runner pacing; `CRM_PROJECTION_PAUSE_MS` slows folding down (crash tests only).
+fn runner_settings() -> RunnerSettings {
+    let mut settings = RunnerSettings::default();
+    if let Some(batch) = std::env::var("CRM_PROJECTION_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        settings.batch_size = batch;
+    }
+    if let Some(pause) = std::env::var("CRM_PROJECTION_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        settings.pause_per_event = Some(Duration::from_millis(pause));
+    }
+    settings
 }
 
 async fn shutdown_signal() {

@@ -51,6 +51,19 @@ pub async fn fold_batch(
     events: &[RecordedEvent],
     checkpoint: Option<(&str, i64)>,
 ) -> Result<(), FoldFailure> {
+    fold_batch_paced(db, projection, tables, events, checkpoint, None).await
+}
+
+/// [`fold_batch`] with an optional pause after each event (a test knob that
+/// makes a crash land inside a batch).
+pub async fn fold_batch_paced(
+    db: &ReadDb,
+    projection: &dyn Projection,
+    tables: &Tables,
+    events: &[RecordedEvent],
+    checkpoint: Option<(&str, i64)>,
+    pause: Option<std::time::Duration>,
+) -> Result<(), FoldFailure> {
     let whole = |error: sqlx::Error| FoldFailure {
         event: None,
         error: error.into(),
@@ -63,18 +76,32 @@ pub async fn fold_batch(
                 error,
             });
         }
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
     }
+    write_checkpoint(&mut tx, checkpoint, events)
+        .await
+        .map_err(whole)?;
+    tx.commit().await.map_err(whole)
+}
+
+/// Moves the checkpoint of `(projection, generation)` to the last event's position.
+pub async fn write_checkpoint(
+    tx: &mut crate::projection::Tx,
+    checkpoint: Option<(&str, i64)>,
+    events: &[RecordedEvent],
+) -> Result<(), sqlx::Error> {
     if let (Some((name, generation)), Some(last)) = (checkpoint, events.last()) {
         sqlx::query("UPDATE rm_projections SET checkpoint = $1, updated_at = $2 WHERE name = $3 AND generation = $4")
             .bind(last.position)
             .bind(crate::readdb::timestamp(&chrono::Utc::now()))
             .bind(name.to_string())
             .bind(generation)
-            .execute(&mut *tx)
-            .await
-            .map_err(whole)?;
+            .execute(&mut **tx)
+            .await?;
     }
-    tx.commit().await.map_err(whole)
+    Ok(())
 }
 
 /// Helpers for read-model tests: events as the log would hold them.

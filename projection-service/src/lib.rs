@@ -5,9 +5,29 @@
 //! - [`projection`]: the `Projection` trait and versioned table names
 //! - read models: one module each (pipeline, history, audit, records, service levels)
 
+pub mod audit;
 pub mod fold;
+pub mod history;
+pub mod pipeline;
 pub mod projection;
 pub mod readdb;
+pub mod rebuild;
+pub mod records;
+pub mod registry;
+pub mod runner;
+pub mod service_levels;
+pub mod status;
 
 pub use projection::{Projection, ProjectionError, Tables};
 pub use readdb::ReadDb;
+
+/// Every read model, in the order the runner folds them.
+pub fn all_projections() -> Vec<std::sync::Arc<dyn Projection>> {
+    vec![
+        std::sync::Arc::new(pipeline::PipelineProjection),
+        std::sync::Arc::new(service_levels::ServiceLevelsProjection),
+        std::sync::Arc::new(records::RecordsProjection),
+        std::sync::Arc::new(history::HistoryProjection),
+        std::sync::Arc::new(audit::AuditProjection),
+    ]
+}

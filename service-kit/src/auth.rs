@@ -57,6 +57,50 @@ impl Role {
     }
 }
 
+/// What a read route shows, for the read policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadArea {
+    /// Board, forecast and analytics.
+    Pipeline,
+    /// Record views of leads, accounts, contacts, opportunities, cases.
+    Records,
+    /// 360 summaries and timelines.
+    Customers,
+    /// Case due times and breaches.
+    ServiceLevels,
+    /// The audit trail: who changed what.
+    Audit,
+    /// The raw log: stream histories, time travel, the global and live feeds
+    /// (as revealing as the audit trail: actors and every field).
+    Log,
+    /// Projection positions and failures.
+    Projections,
+}
+
+impl Role {
+    /// Auditors (viewer) and admins see everything; sales and support see the
+    /// read models of their work, never the audit trail or the raw log.
+    pub fn may_read(self, area: ReadArea) -> bool {
+        match self {
+            Role::Admin | Role::Viewer => true,
+            Role::Sales => matches!(
+                area,
+                ReadArea::Pipeline
+                    | ReadArea::Records
+                    | ReadArea::Customers
+                    | ReadArea::Projections
+            ),
+            Role::Support => matches!(
+                area,
+                ReadArea::Records
+                    | ReadArea::Customers
+                    | ReadArea::ServiceLevels
+                    | ReadArea::Projections
+            ),
+        }
+    }
+}
+
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -117,6 +161,20 @@ impl Actor {
             let roles: Vec<&str> = self.roles.iter().map(|role| role.as_str()).collect();
             Err(Problem::forbidden(format!(
                 "roles [{}] may not send `{command}` to {stream_type} streams",
+                roles.join(", ")
+            )))
+        }
+    }
+}
+
+impl Actor {
+    pub fn require_read(&self, area: ReadArea) -> Result<(), Problem> {
+        if self.roles.iter().any(|role| role.may_read(area)) {
+            Ok(())
+        } else {
+            let roles: Vec<&str> = self.roles.iter().map(|role| role.as_str()).collect();
+            Err(Problem::forbidden(format!(
+                "roles [{}] may not read {area:?}",
                 roles.join(", ")
             )))
         }
@@ -270,6 +328,21 @@ mod tests {
     #[test]
     fn short_secrets_are_refused() {
         assert!(matches!(Tokens::new(b"short"), Err(TokenError::WeakSecret)));
+    }
+
+    #[test]
+    fn only_auditors_and_admins_read_the_audit_trail_and_the_log() {
+        for area in [ReadArea::Audit, ReadArea::Log] {
+            assert!(Role::Admin.may_read(area) && Role::Viewer.may_read(area));
+            assert!(!Role::Sales.may_read(area) && !Role::Support.may_read(area));
+        }
+        assert!(
+            Role::Sales.may_read(ReadArea::Pipeline) && !Role::Support.may_read(ReadArea::Pipeline)
+        );
+        assert!(
+            Role::Support.may_read(ReadArea::ServiceLevels)
+                && !Role::Sales.may_read(ReadArea::ServiceLevels)
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::app::App;
-use crate::auth::Actor;
+use crate::auth::{Actor, ReadArea};
 use crate::problem::Problem;
 
 /// Stream types of the log.
@@ -44,6 +44,7 @@ pub async fn events(
     Path((stream_type, stream_id)): Path<(String, String)>,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<History>, Problem> {
+    actor.require_read(ReadArea::Log)?;
     let Query(query) =
         query.map_err(|rejection| Problem::bad_request("query", rejection.body_text()))?;
     if !STREAM_TYPES.contains(&stream_type.as_str()) {

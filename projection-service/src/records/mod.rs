@@ -1,0 +1,733 @@
+//! Record views: the current state of every lead, account, contact,
+//! opportunity and case as one row each, with the columns lists filter on
+//! (owner/assignee, stage, status, account) and the full record as JSON.
+//! The row's state is the domain aggregate itself (folded with the
+//! aggregate's own `apply`), so the view never drifts from the domain rules.
+//! Also home of [`paging`], the query plumbing the read models share.
+
+pub mod paging;
+#[cfg(test)]
+pub(crate) mod scenario;
+
+use cqrs_es::Aggregate;
+use crm_domain::account::Account;
+use crm_domain::case::Case;
+use crm_domain::contact::Contact;
+use crm_domain::lead::Lead;
+use crm_domain::opportunity::Opportunity;
+use crm_eventlog::RecordedEvent;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sqlx::Row;
+
+use crate::projection::{decode, Projection, ProjectionError, Tables, Tx};
+use crate::readdb::{timestamp, ReadDb};
+use paging::{decode_position_cursor, encode_cursor, page_limit, parse_time, Binds};
+pub use paging::{Page, QueryError};
+
+/// Name of the projection (and prefix of its tables).
+pub const NAME: &str = "records";
+const CURSOR_TAG: &str = "r1";
+
+/// The record-view projection: one table, `records`, keyed by (kind, id).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RecordsProjection;
+
+/// The kinds of records (one per aggregate / stream type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKind {
+    Lead,
+    Account,
+    Contact,
+    Opportunity,
+    Case,
+}
+
+impl RecordKind {
+    pub const ALL: [RecordKind; 5] = [
+        Self::Lead,
+        Self::Account,
+        Self::Contact,
+        Self::Opportunity,
+        Self::Case,
+    ];
+
+    /// The stream type (`lead`, ...), also the `kind` column value.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Lead => "lead",
+            Self::Account => "account",
+            Self::Contact => "contact",
+            Self::Opportunity => "opportunity",
+            Self::Case => "case",
+        }
+    }
+
+    /// The collection of the HTTP path (`leads`, ...).
+    pub fn collection(&self) -> &'static str {
+        match self {
+            Self::Lead => "leads",
+            Self::Account => "accounts",
+            Self::Contact => "contacts",
+            Self::Opportunity => "opportunities",
+            Self::Case => "cases",
+        }
+    }
+
+    /// `leads` -> Lead, ... (the `/v1/{collection}` path segment).
+    pub fn from_collection(collection: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.collection() == collection)
+    }
+
+    /// `lead` -> Lead, ... (the log's stream type).
+    pub fn from_stream_type(stream_type: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == stream_type)
+    }
+
+    /// Filters this kind supports.
+    fn supports(&self, filter: &str) -> bool {
+        use RecordKind::*;
+        match filter {
+            "owner" => matches!(self, Account | Opportunity | Case),
+            "assignee" => matches!(self, Case),
+            "stage" => matches!(self, Opportunity),
+            "status" => !matches!(self, Contact),
+            "account_id" => matches!(self, Contact | Opportunity | Case),
+            _ => false,
+        }
+    }
+
+    /// Values the `status` column takes for this kind.
+    pub fn statuses(&self) -> &'static [&'static str] {
+        match self {
+            Self::Lead => &["new", "qualified", "disqualified", "converted"],
+            Self::Account => &["active", "archived"],
+            Self::Contact => &[],
+            Self::Opportunity => &["open", "won", "lost"],
+            Self::Case => &["open", "assigned", "resolved", "closed"],
+        }
+    }
+}
+
+/// Filters of `GET /v1/{collection}` (all optional, combined with AND).
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RecordQuery {
+    /// Accounts, opportunities; on cases the assignee.
+    pub owner: Option<String>,
+    /// Cases only (same as `owner`).
+    pub assignee: Option<String>,
+    /// Opportunities only.
+    pub stage: Option<String>,
+    /// Leads, accounts (active|archived), opportunities, cases.
+    pub status: Option<String>,
+    /// Contacts, opportunities, cases.
+    pub account_id: Option<String>,
+    /// Updated (recorded) at or after this RFC 3339 time.
+    pub updated_since: Option<String>,
+    pub cursor: Option<String>,
+    /// Default 50, at most 500.
+    pub limit: Option<i64>,
+}
+
+/// `GET /v1/{collection}`: records of `kind` matching `query`, in the order
+/// they were last updated (oldest update first, so a record changed while
+/// a client pages moves behind it instead of being skipped). Items are the
+/// `data` JSON of each record (see [`get`]).
+pub async fn list(
+    db: &ReadDb,
+    tables: &Tables,
+    kind: RecordKind,
+    query: &RecordQuery,
+) -> Result<Page<Value>, QueryError> {
+    let limit = page_limit(query.limit)?;
+    let mut b = Binds::default();
+    let mut sql = format!(
+        "SELECT data, updated_position FROM {} WHERE kind = {}",
+        tables.t("records"),
+        b.text(kind.as_str())
+    );
+    let given = |v: &Option<String>| {
+        v.as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    };
+    let filters = [
+        ("owner", "owner", given(&query.owner)),
+        ("assignee", "owner", given(&query.assignee)),
+        ("stage", "stage", given(&query.stage)),
+        ("status", "status", given(&query.status)),
+        ("account_id", "account_id", given(&query.account_id)),
+    ];
+    for (name, column, value) in filters {
+        let Some(value) = value else { continue };
+        if !kind.supports(name) {
+            return Err(QueryError::invalid(
+                name,
+                format!("is not a filter of {}", kind.collection()),
+            ));
+        }
+        if name == "status" && !kind.statuses().contains(&value.as_str()) {
+            return Err(QueryError::invalid(
+                "status",
+                format!(
+                    "unknown status '{value}'; allowed: {}",
+                    kind.statuses().join(", ")
+                ),
+            ));
+        }
+        sql.push_str(&format!(" AND {column} = {}", b.text(value)));
+    }
+    if let Some(since) = given(&query.updated_since) {
+        let since = parse_time("updated_since", &since)?;
+        sql.push_str(&format!(" AND updated_at >= {}", b.text(since)));
+    }
+    if let Some(cursor) = given(&query.cursor) {
+        let after = decode_position_cursor(CURSOR_TAG, &cursor)?;
+        sql.push_str(&format!(" AND updated_position > {}", b.int(after)));
+    }
+    sql.push_str(&format!(
+        " ORDER BY updated_position LIMIT {}",
+        b.int(limit + 1)
+    ));
+    let rows = b.apply(&sql).fetch_all(&db.pool).await?;
+    let mut items = Vec::with_capacity(rows.len());
+    let mut last = None;
+    for row in rows.iter().take(limit as usize) {
+        let data: String = row.try_get("data")?;
+        items.push(serde_json::from_str(&data).unwrap_or(Value::Null));
+        last = Some(row.try_get::<i64, _>("updated_position")?);
+    }
+    let next_cursor = match last {
+        Some(last) if rows.len() as i64 > limit => {
+            Some(encode_cursor(CURSOR_TAG, &last.to_string()))
+        }
+        _ => None,
+    };
+    Ok(Page { items, next_cursor })
+}
+
+/// `GET /v1/{collection}/{id}`: the record's view: every current field of
+/// the aggregate plus `id`, `version`, `created_at`, `updated_at` (times
+/// the log recorded the first and the latest event) and `position` (global
+/// position of the latest event). `None` when there is no such record.
+pub async fn get(
+    db: &ReadDb,
+    tables: &Tables,
+    kind: RecordKind,
+    id: &str,
+) -> Result<Option<Value>, QueryError> {
+    let row = sqlx::query(&format!(
+        "SELECT data FROM {} WHERE kind = $1 AND id = $2",
+        tables.t("records")
+    ))
+    .bind(kind.as_str())
+    .bind(id.trim().to_string())
+    .fetch_optional(&db.pool)
+    .await?;
+    match row {
+        Some(row) => {
+            let data: String = row.try_get("data")?;
+            Ok(Some(serde_json::from_str(&data).unwrap_or(Value::Null)))
+        }
+        None => Ok(None),
+    }
+}
+
+// ---------------------------------------------------------------- the fold
+
+/// The filter columns of a record and its view.
+struct Columns {
+    owner: Option<String>,
+    stage: Option<String>,
+    status: Option<String>,
+    account_id: Option<String>,
+    data: Value,
+}
+
+/// Folds `event` into the stored aggregate state (fresh when `state` is None).
+fn next_state<A>(state: Option<&str>, event: &RecordedEvent) -> Result<A, ProjectionError>
+where
+    A: Aggregate + Serialize + DeserializeOwned,
+{
+    let mut aggregate: A = match state {
+        Some(state) => serde_json::from_str(state).map_err(|e| {
+            ProjectionError::Invalid(format!(
+                "stored {} state {} does not decode: {e}",
+                event.stream_type, event.stream_id
+            ))
+        })?,
+        None => A::default(),
+    };
+    aggregate.apply(decode::<A::Event>(event)?);
+    Ok(aggregate)
+}
+
+fn text(value: &Value) -> Option<String> {
+    value.as_str().map(str::to_string)
+}
+
+/// The view of a record and its filter columns; `state` is the aggregate JSON.
+fn view(kind: RecordKind, state: &Value) -> Columns {
+    let mut data = state.clone();
+    let mut row = Columns {
+        owner: None,
+        stage: None,
+        status: None,
+        account_id: None,
+        data: Value::Null,
+    };
+    match kind {
+        RecordKind::Lead => {
+            row.status = text(&state["status"]);
+        }
+        RecordKind::Account => {
+            row.owner = text(&state["owner"]);
+            let status = if state["archived"] == json!(true) {
+                "archived"
+            } else {
+                "active"
+            };
+            row.status = Some(status.to_string());
+            data["status"] = json!(status);
+        }
+        RecordKind::Contact => {
+            row.account_id = text(&state["account_id"]);
+            if let Some(object) = data.as_object_mut() {
+                // A duplicate-detection window, not part of the record.
+                object.remove("recent_activities");
+            }
+        }
+        RecordKind::Opportunity => {
+            row.owner = text(&state["owner"]);
+            row.stage = text(&state["stage"]);
+            row.status = text(&state["status"]);
+            row.account_id = text(&state["account_id"]);
+        }
+        RecordKind::Case => {
+            row.owner = text(&state["assignee"]);
+            row.status = text(&state["status"]);
+            row.account_id = text(&state["account_id"]);
+        }
+    }
+    row.data = data;
+    row
+}
+
+#[async_trait::async_trait]
+impl Projection for RecordsProjection {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn version(&self) -> i64 {
+        1
+    }
+
+    fn schema(&self, tables: &Tables) -> Vec<String> {
+        let records = tables.t("records");
+        let mut statements = vec![format!(
+            "CREATE TABLE IF NOT EXISTS {records} (
+                kind TEXT NOT NULL,
+                id TEXT NOT NULL,
+                owner TEXT,
+                stage TEXT,
+                status TEXT,
+                account_id TEXT,
+                version BIGINT NOT NULL,
+                created_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL,
+                updated_position BIGINT NOT NULL,
+                state TEXT NOT NULL,
+                data TEXT NOT NULL,
+                PRIMARY KEY (kind, id))"
+        )];
+        for column in ["updated_position", "updated_at"] {
+            statements.push(format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {records} (kind, {column})",
+                tables.t(&format!("records_{column}_ix"))
+            ));
+        }
+        for column in ["owner", "stage", "status", "account_id"] {
+            statements.push(format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {records} (kind, {column}, updated_position)",
+                tables.t(&format!("records_{column}_ix"))
+            ));
+        }
+        statements
+    }
+
+    fn table_names(&self) -> Vec<&'static str> {
+        vec!["records"]
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut Tx,
+        tables: &Tables,
+        event: &RecordedEvent,
+    ) -> Result<(), ProjectionError> {
+        let Some(kind) = RecordKind::from_stream_type(&event.stream_type) else {
+            return Ok(());
+        };
+        let records = tables.t("records");
+        let existing = sqlx::query(&format!(
+            "SELECT state, created_at, updated_position FROM {records} WHERE kind = $1 AND id = $2"
+        ))
+        .bind(kind.as_str())
+        .bind(event.stream_id.clone())
+        .fetch_optional(&mut **tx)
+        .await?;
+        let (state, created_at) = match &existing {
+            Some(row) => {
+                if row.try_get::<i64, _>("updated_position")? >= event.position {
+                    return Ok(()); // already folded
+                }
+                (
+                    Some(row.try_get::<String, _>("state")?),
+                    row.try_get::<String, _>("created_at")?,
+                )
+            }
+            None => (None, timestamp(&event.recorded_at)),
+        };
+        let state = state.as_deref();
+        let state: Value = match kind {
+            RecordKind::Lead => serde_json::to_value(next_state::<Lead>(state, event)?),
+            RecordKind::Account => serde_json::to_value(next_state::<Account>(state, event)?),
+            RecordKind::Contact => serde_json::to_value(next_state::<Contact>(state, event)?),
+            RecordKind::Opportunity => {
+                serde_json::to_value(next_state::<Opportunity>(state, event)?)
+            }
+            RecordKind::Case => serde_json::to_value(next_state::<Case>(state, event)?),
+        }
+        .map_err(|e| ProjectionError::Invalid(format!("record state does not encode: {e}")))?;
+        let updated_at = timestamp(&event.recorded_at);
+        let mut row = view(kind, &state);
+        if let Some(object) = row.data.as_object_mut() {
+            object.insert("id".into(), json!(event.stream_id));
+            object.insert("version".into(), json!(event.version));
+            object.insert("created_at".into(), json!(created_at));
+            object.insert("updated_at".into(), json!(updated_at));
+            object.insert("position".into(), json!(event.position));
+        }
+        sqlx::query(&format!(
+            "INSERT INTO {records} (kind, id, owner, stage, status, account_id, version, created_at, updated_at,
+                updated_position, state, data)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+             ON CONFLICT (kind, id) DO UPDATE SET owner = EXCLUDED.owner, stage = EXCLUDED.stage,
+                status = EXCLUDED.status, account_id = EXCLUDED.account_id, version = EXCLUDED.version,
+                updated_at = EXCLUDED.updated_at, updated_position = EXCLUDED.updated_position,
+                state = EXCLUDED.state, data = EXCLUDED.data"
+        ))
+        .bind(kind.as_str())
+        .bind(event.stream_id.clone())
+        .bind(row.owner)
+        .bind(row.stage)
+        .bind(row.status)
+        .bind(row.account_id)
+        .bind(event.version)
+        .bind(created_at)
+        .bind(updated_at)
+        .bind(event.position)
+        .bind(state.to_string())
+        .bind(row.data.to_string())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use scenario::{
+        fold_all, id, on_both_backends, ts, A1, A2, A3, C1, C2, C4, K1, K2, K3, L1, O1, O2, O3, O4,
+        T3,
+    };
+
+    fn q() -> RecordQuery {
+        RecordQuery::default()
+    }
+
+    async fn ids(
+        db: &ReadDb,
+        tables: &Tables,
+        kind: RecordKind,
+        query: RecordQuery,
+    ) -> Vec<String> {
+        let page = list(db, tables, kind, &query).await.unwrap();
+        assert!(page.next_cursor.is_none());
+        page.items
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn all(ns: &[u128]) -> Vec<String> {
+        ns.iter().map(|n| id(*n)).collect()
+    }
+
+    async fn scenario_body(db: ReadDb) {
+        let events = scenario::scenario();
+        let tables = fold_all(&db, &RecordsProjection, &events).await;
+        use RecordKind::*;
+
+        // Get one: the full current record.
+        let o1 = get(&db, &tables, Opportunity, &id(O1))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(o1["id"], json!(id(O1)));
+        assert_eq!(o1["name"], json!("Acme renewal"));
+        assert_eq!(o1["stage"], json!("qualification"));
+        assert_eq!(o1["probability"], json!(25));
+        assert_eq!(o1["owner"], json!("bob"));
+        assert_eq!(o1["status"], json!("open"));
+        assert_eq!(o1["account_id"], json!(id(A1)));
+        assert_eq!(
+            o1["amount"],
+            json!({"amount": "15000.00", "currency": "USD"})
+        );
+        assert_eq!(o1["expected_close"], json!("2026-12-31"));
+        assert_eq!(o1["version"], json!(3));
+        assert_eq!(o1["position"], json!(8));
+        assert_eq!(o1["created_at"], json!(ts(5)));
+        assert_eq!(o1["updated_at"], json!(ts(7)));
+        let o4 = get(&db, &tables, Opportunity, &id(O4))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(o4["status"], json!("won"));
+        assert_eq!(
+            o4["close_value"],
+            json!({"amount": "1999.50", "currency": "USD"})
+        );
+        let c1 = get(&db, &tables, Contact, &id(C1)).await.unwrap().unwrap();
+        assert_eq!(c1["name"], json!("Jane Doe"));
+        assert_eq!(c1["activity_count"], json!(3));
+        assert_eq!(c1["open_tasks"], json!([id(T3)]));
+        assert!(c1.get("recent_activities").is_none());
+        assert_eq!(c1["version"], json!(5));
+        let l1 = get(&db, &tables, Lead, &id(L1)).await.unwrap().unwrap();
+        assert_eq!(l1["status"], json!("converted"));
+        assert_eq!(l1["converted_to"]["account_id"], json!(id(A3)));
+        let a1 = get(&db, &tables, Account, &id(A1)).await.unwrap().unwrap();
+        assert_eq!(a1["industry"], json!("technology"));
+        assert_eq!(a1["status"], json!("active"));
+        let k1 = get(&db, &tables, Case, &id(K1)).await.unwrap().unwrap();
+        assert_eq!(k1["status"], json!("resolved"));
+        assert_eq!(k1["assignee"], json!("dave"));
+        assert_eq!(k1["comment_count"], json!(1));
+        assert!(
+            get(&db, &tables, Case, &id(O1)).await.unwrap().is_none(),
+            "kinds are separate"
+        );
+        assert!(get(&db, &tables, Lead, "not-an-id")
+            .await
+            .unwrap()
+            .is_none());
+
+        // Lists, in order of last update, with filters.
+        assert_eq!(
+            ids(&db, &tables, Opportunity, q()).await,
+            all(&[O1, O2, O3, O4])
+        );
+        let owner = |o: &str| RecordQuery {
+            owner: Some(o.into()),
+            ..q()
+        };
+        assert_eq!(
+            ids(&db, &tables, Opportunity, owner("bob")).await,
+            all(&[O1])
+        );
+        assert_eq!(
+            ids(&db, &tables, Opportunity, owner("alice")).await,
+            all(&[O2, O3, O4])
+        );
+        let status = |s: &str| RecordQuery {
+            status: Some(s.into()),
+            ..q()
+        };
+        assert_eq!(
+            ids(&db, &tables, Opportunity, status("won")).await,
+            all(&[O3, O4])
+        );
+        assert_eq!(
+            ids(&db, &tables, Opportunity, status("open")).await,
+            all(&[O1, O2])
+        );
+        let stage = RecordQuery {
+            stage: Some("qualification".into()),
+            ..q()
+        };
+        assert_eq!(ids(&db, &tables, Opportunity, stage).await, all(&[O1]));
+        let acme = RecordQuery {
+            account_id: Some(id(A1)),
+            ..q()
+        };
+        assert_eq!(
+            ids(&db, &tables, Opportunity, acme).await,
+            all(&[O1, O2, O4])
+        );
+        let since = RecordQuery {
+            updated_since: Some("2026-11-20T09:09:00Z".into()),
+            ..q()
+        };
+        assert_eq!(ids(&db, &tables, Opportunity, since).await, all(&[O3, O4]));
+        let combined = RecordQuery {
+            owner: Some("alice".into()),
+            account_id: Some(id(A1)),
+            status: Some("open".into()),
+            ..q()
+        };
+        assert_eq!(ids(&db, &tables, Opportunity, combined).await, all(&[O2]));
+
+        assert_eq!(ids(&db, &tables, Account, q()).await, all(&[A2, A1, A3]));
+        assert_eq!(ids(&db, &tables, Account, owner("alice")).await, all(&[A1]));
+        assert_eq!(
+            ids(&db, &tables, Account, status("archived")).await,
+            Vec::<String>::new()
+        );
+        let contacts_of_acme = RecordQuery {
+            account_id: Some(id(A1)),
+            ..q()
+        };
+        assert_eq!(
+            ids(&db, &tables, Contact, contacts_of_acme).await,
+            all(&[C2, C1])
+        );
+        assert_eq!(ids(&db, &tables, Contact, q()).await.len(), 4);
+        assert_eq!(ids(&db, &tables, Case, owner("dave")).await, all(&[K1]));
+        let assignee = RecordQuery {
+            assignee: Some("dave".into()),
+            ..q()
+        };
+        assert_eq!(ids(&db, &tables, Case, assignee).await, all(&[K1]));
+        assert_eq!(
+            ids(&db, &tables, Case, status("open")).await,
+            all(&[K2, K3])
+        );
+        assert_eq!(
+            ids(&db, &tables, Lead, status("converted")).await,
+            all(&[L1])
+        );
+        let c4 = get(&db, &tables, Contact, &id(C4)).await.unwrap().unwrap();
+        assert_eq!(c4["account_id"], json!(id(A3)));
+
+        // Pages cover everything exactly once.
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        let mut pages = 0;
+        loop {
+            let page = list(
+                &db,
+                &tables,
+                Opportunity,
+                &RecordQuery {
+                    limit: Some(3),
+                    cursor: cursor.clone(),
+                    ..q()
+                },
+            )
+            .await
+            .unwrap();
+            pages += 1;
+            seen.extend(
+                page.items
+                    .iter()
+                    .map(|r| r["id"].as_str().unwrap().to_string()),
+            );
+            match page.next_cursor {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(pages, 2);
+        assert_eq!(seen, all(&[O1, O2, O3, O4]));
+
+        // Unsupported filters and bad input.
+        for (kind, bad) in [
+            (
+                Lead,
+                RecordQuery {
+                    stage: Some("x".into()),
+                    ..q()
+                },
+            ),
+            (Lead, owner("alice")),
+            (Contact, owner("alice")),
+            (Contact, status("open")),
+            (
+                Account,
+                RecordQuery {
+                    account_id: Some(id(A2)),
+                    ..q()
+                },
+            ),
+            (
+                Opportunity,
+                RecordQuery {
+                    assignee: Some("dave".into()),
+                    ..q()
+                },
+            ),
+            (Opportunity, status("resolved")),
+            (
+                Opportunity,
+                RecordQuery {
+                    updated_since: Some("2026-13-01".into()),
+                    ..q()
+                },
+            ),
+            (
+                Opportunity,
+                RecordQuery {
+                    cursor: Some("zzz".into()),
+                    ..q()
+                },
+            ),
+            (
+                Opportunity,
+                RecordQuery {
+                    limit: Some(1000),
+                    ..q()
+                },
+            ),
+        ] {
+            assert!(
+                matches!(
+                    list(&db, &tables, kind, &bad).await,
+                    Err(QueryError::Invalid { .. })
+                ),
+                "{kind:?} {bad:?}"
+            );
+        }
+    }
+
+    on_both_backends!(
+        records_scenario_on_sqlite,
+        records_scenario_on_postgres,
+        scenario_body
+    );
+
+    #[test]
+    fn kinds_from_paths_and_streams() {
+        assert_eq!(RecordKind::from_collection("leads"), Some(RecordKind::Lead));
+        assert_eq!(
+            RecordKind::from_collection("opportunities"),
+            Some(RecordKind::Opportunity)
+        );
+        assert_eq!(RecordKind::from_collection("cases"), Some(RecordKind::Case));
+        assert_eq!(RecordKind::from_collection("lead"), None);
+        assert_eq!(
+            RecordKind::from_stream_type("contact"),
+            Some(RecordKind::Contact)
+        );
+        for kind in RecordKind::ALL {
+            assert_eq!(RecordKind::from_collection(kind.collection()), Some(kind));
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The projection registry (`rm_projections`): which generation of each
+//! projection serves, its checkpoint, and why it stopped if it did.
+
+use serde::Serialize;
+use sqlx::Row;
+
+use crate::projection::{Projection, Tables};
+use crate::readdb::{timestamp, ReadDb};
+
+/// Lifecycle of a generation: `building` (rebuild in progress), `active`
+/// (serving and followed live), `retired` (replaced; its tables are dropped).
+pub const BUILDING: &str = "building";
+pub const ACTIVE: &str = "active";
+pub const RETIRED: &str = "retired";
+
+/// One generation of one projection.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Generation {
+    pub name: String,
+    pub generation: i64,
+    pub version: i64,
+    pub state: String,
+    /// Global position of the last event folded into this generation.
+    pub checkpoint: i64,
+    pub failed_event_id: Option<String>,
+    pub failed_position: Option<i64>,
+    pub error: Option<String>,
+    pub updated_at: String,
+}
+
+impl Generation {
+    pub fn tables(&self) -> Tables {
+        Tables::new(&self.name, self.generation)
+    }
+
+    pub fn is_failed(&self) -> bool {
+        self.error.is_some()
+    }
+}
+
+/// Creates the registry table.
+pub async fn ensure(db: &ReadDb) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS rm_projections (
+            name TEXT NOT NULL,
+            generation BIGINT NOT NULL,
+            version BIGINT NOT NULL,
+            state TEXT NOT NULL,
+            checkpoint BIGINT NOT NULL,
+            failed_event_id TEXT,
+            failed_position BIGINT,
+            error TEXT,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (name, generation))",
+    )
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+const COLUMNS: &str =
+    "name, generation, version, state, checkpoint, failed_event_id, failed_position, error, updated_at";
+
+fn from_row(row: &sqlx::any::AnyRow) -> Result<Generation, sqlx::Error> {
+    Ok(Generation {
+        name: row.try_get("name")?,
+        generation: row.try_get("generation")?,
+        version: row.try_get("version")?,
+        state: row.try_get("state")?,
+        checkpoint: row.try_get("checkpoint")?,
+        failed_event_id: row.try_get("failed_event_id")?,
+        failed_position: row.try_get("failed_position")?,
+        error: row.try_get("error")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// Every generation of every projection, by name then generation.
+pub async fn all(db: &ReadDb) -> Result<Vec<Generation>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM rm_projections ORDER BY name, generation"
+    ))
+    .fetch_all(&db.pool)
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// The serving generation of `name`, if any.
+pub async fn active(db: &ReadDb, name: &str) -> Result<Option<Generation>, sqlx::Error> {
+    let row = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM rm_projections WHERE name = $1 AND state = $2"
+    ))
+    .bind(name.to_string())
+    .bind(ACTIVE)
+    .fetch_optional(&db.pool)
+    .await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// Starts a new generation in `state` with its tables, numbered after every earlier one.
+pub async fn create_generation(
+    db: &ReadDb,
+    projection: &dyn Projection,
+    state: &str,
+) -> Result<Generation, sqlx::Error> {
+    let mut tx = db.pool.begin().await?;
+    let next: i64 = sqlx::query(
+        "SELECT COALESCE(MAX(generation), 0) + 1 AS next FROM rm_projections WHERE name = $1",
+    )
+    .bind(projection.name().to_string())
+    .fetch_one(&mut *tx)
+    .await?
+    .try_get("next")?;
+    let generation = Generation {
+        name: projection.name().to_string(),
+        generation: next,
+        version: projection.version(),
+        state: state.to_string(),
+        checkpoint: 0,
+        failed_event_id: None,
+        failed_position: None,
+        error: None,
+        updated_at: timestamp(&chrono::Utc::now()),
+    };
+    sqlx::query(
+        "INSERT INTO rm_projections (name, generation, version, state, checkpoint, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(generation.name.clone())
+    .bind(generation.generation)
+    .bind(generation.version)
+    .bind(generation.state.clone())
+    .bind(0_i64)
+    .bind(generation.updated_at.clone())
+    .execute(&mut *tx)
+    .await?;
+    for statement in projection.schema(&generation.tables()) {
+        sqlx::query(&statement).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(generation)
+}
+
+/// Makes `generation` the serving one and retires the previous, atomically.
+pub async fn activate(db: &ReadDb, name: &str, generation: i64) -> Result<(), sqlx::Error> {
+    let now = timestamp(&chrono::Utc::now());
+    let mut tx = db.pool.begin().await?;
+    sqlx::query(
+        "UPDATE rm_projections SET state = $1, updated_at = $2 WHERE name = $3 AND state = $4",
+    )
+    .bind(RETIRED)
+    .bind(now.clone())
+    .bind(name.to_string())
+    .bind(ACTIVE)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE rm_projections SET state = $1, updated_at = $2 WHERE name = $3 AND generation = $4",
+    )
+    .bind(ACTIVE)
+    .bind(now)
+    .bind(name.to_string())
+    .bind(generation)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+/// Records that `generation` stopped at an event it could not fold.
+pub async fn record_failure(
+    db: &ReadDb,
+    name: &str,
+    generation: i64,
+    event: Option<(&str, i64)>,
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE rm_projections SET failed_event_id = $1, failed_position = $2, error = $3, updated_at = $4
+         WHERE name = $5 AND generation = $6",
+    )
+    .bind(event.map(|(id, _)| id.to_string()))
+    .bind(event.map(|(_, position)| position))
+    .bind(error.to_string())
+    .bind(timestamp(&chrono::Utc::now()))
+    .bind(name.to_string())
+    .bind(generation)
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+/// Clears a recorded failure so the generation is retried.
+pub async fn clear_failure(db: &ReadDb, name: &str, generation: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE rm_projections SET failed_event_id = NULL, failed_position = NULL, error = NULL
+         WHERE name = $1 AND generation = $2",
+    )
+    .bind(name.to_string())
+    .bind(generation)
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+/// Drops the tables of retired generations and forgets them; building
+/// generations abandoned by a crashed rebuild are dropped too when `abandoned`.
+pub async fn collect_garbage(
+    db: &ReadDb,
+    projection: &dyn Projection,
+    abandoned: bool,
+) -> Result<(), sqlx::Error> {
+    for generation in all(db)
+        .await?
+        .into_iter()
+        .filter(|g| g.name == projection.name())
+    {
+        let drop = generation.state == RETIRED || (abandoned && generation.state == BUILDING);
+        if !drop {
+            continue;
+        }
+        crate::fold::drop_tables(db, projection, &generation.tables()).await?;
+        sqlx::query("DELETE FROM rm_projections WHERE name = $1 AND generation = $2")
+            .bind(generation.name.clone())
+            .bind(generation.generation)
+            .execute(&db.pool)
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! Projection workers: follow the log, fold each new batch into every
+//! projection's serving generation with its checkpoint, sleep when caught up,
+//! wake on the log's head notification (with a polling fallback).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crm_eventlog::{EventLog, RecordedEvent};
+use tokio::sync::watch;
+
+use crate::fold::{fold_batch, fold_batch_paced, FoldFailure};
+use crate::projection::Projection;
+use crate::readdb::ReadDb;
+use crate::registry::{self, Generation};
+
+/// How the runner paces itself.
+#[derive(Debug, Clone)]
+pub struct RunnerSettings {
+    /// Events folded per transaction.
+    pub batch_size: i64,
+    /// Longest sleep without a head notification before looking at the log again.
+    pub poll_interval: Duration,
+    /// How long a failed projection waits before it is tried again.
+    pub retry_failed_after: Duration,
+    /// Pause after each folded event (tests: makes "kill mid-batch" land mid-batch).
+    pub pause_per_event: Option<Duration>,
+}
+
+impl Default for RunnerSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+            retry_failed_after: Duration::from_secs(60),
+            pause_per_event: None,
+        }
+    }
+}
+
+/// Follows the log for a set of projections.
+pub struct Runner {
+    log: EventLog,
+    db: ReadDb,
+    projections: Vec<Arc<dyn Projection>>,
+    settings: RunnerSettings,
+}
+
+impl Runner {
+    pub fn new(
+        log: EventLog,
+        db: ReadDb,
+        projections: Vec<Arc<dyn Projection>>,
+        settings: RunnerSettings,
+    ) -> Self {
+        Self {
+            log,
+            db,
+            projections,
+            settings,
+        }
+    }
+
+    /// Gives every projection a serving generation: a fresh install starts at
+    /// generation 1; a projection whose version changed is rebuilt into a new
+    /// generation first (the old one serves meanwhile).
+    pub async fn install(&self) -> Result<(), sqlx::Error> {
+        registry::ensure(&self.db).await?;
+        for projection in &self.projections {
+            registry::collect_garbage(&self.db, projection.as_ref(), true).await?;
+            match registry::active(&self.db, projection.name()).await? {
+                None => {
+                    let generation = registry::create_generation(
+                        &self.db,
+                        projection.as_ref(),
+                        registry::BUILDING,
+                    )
+                    .await?;
+                    registry::activate(&self.db, projection.name(), generation.generation).await?;
+                }
+                Some(active) if active.version != projection.version() => {
+                    tracing::info!(
+                        projection = projection.name(),
+                        from = active.version,
+                        to = projection.version(),
+                        "projection version changed: rebuilding"
+                    );
+                    crate::rebuild::rebuild(&self.log, &self.db, projection.as_ref(), |_, _| {})
+                        .await
+                        .map_err(|error| sqlx::Error::Protocol(error.to_string()))?;
+                }
+                Some(active) if active.is_failed() => {
+                    // A restart is a retry: the failure may have been transient.
+                    registry::clear_failure(&self.db, projection.name(), active.generation).await?;
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs until `shutdown` turns true. Never returns an error: a failing
+    /// projection is recorded and skipped, the others keep going.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        if let Err(error) = self.install().await {
+            tracing::error!(%error, "projections could not be installed");
+            return;
+        }
+        let mut head = self.log.subscribe();
+        loop {
+            let mut progressed = false;
+            for projection in &self.projections {
+                if *shutdown.borrow() {
+                    return;
+                }
+                match self.step(projection.as_ref()).await {
+                    Ok(folded) => progressed |= folded > 0,
+                    Err(error) => {
+                        tracing::warn!(projection = projection.name(), %error, "projection step failed")
+                    }
+                }
+            }
+            if progressed {
+                continue;
+            }
+            tokio::select! {
+                _ = head.changed() => {}
+                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                _ = shutdown.changed() => {}
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+    }
+
+    /// Folds at most one batch into one projection; returns how many events.
+    pub async fn step(&self, projection: &dyn Projection) -> Result<usize, sqlx::Error> {
+        registry::collect_garbage(&self.db, projection, false).await?;
+        let Some(generation) = registry::active(&self.db, projection.name()).await? else {
+            return Ok(0);
+        };
+        if generation.is_failed() {
+            if !self.should_retry(&generation) {
+                return Ok(0);
+            }
+            registry::clear_failure(&self.db, &generation.name, generation.generation).await?;
+        }
+        let events = self
+            .log
+            .read_all(generation.checkpoint, self.settings.batch_size)
+            .await
+            .map_err(|error| sqlx::Error::Protocol(format!("reading the log: {error}")))?;
+        if events.is_empty() {
+            return Ok(0);
+        }
+        self.fold(projection, &generation, &events).await
+    }
+
+    async fn fold(
+        &self,
+        projection: &dyn Projection,
+        generation: &Generation,
+        events: &[RecordedEvent],
+    ) -> Result<usize, sqlx::Error> {
+        let checkpoint = Some((generation.name.as_str(), generation.generation));
+        let tables = generation.tables();
+        let pause = self.settings.pause_per_event;
+        let outcome =
+            fold_batch_paced(&self.db, projection, &tables, events, checkpoint, pause).await;
+        match outcome {
+            Ok(()) => Ok(events.len()),
+            Err(FoldFailure {
+                event: Some(bad),
+                error,
+            }) => {
+                // Keep everything before the bad event, stop exactly at it.
+                let good = events
+                    .iter()
+                    .take_while(|event| event.position < bad.position)
+                    .count();
+                if good > 0 {
+                    if let Err(failure) =
+                        fold_batch(&self.db, projection, &tables, &events[..good], checkpoint).await
+                    {
+                        return Err(sqlx::Error::Protocol(failure.error.to_string()));
+                    }
+                }
+                tracing::error!(projection = projection.name(), event_id = %bad.event_id, position = bad.position,
+                    %error, "projection stopped at an event it cannot fold");
+                let event_id = bad.event_id.to_string();
+                registry::record_failure(
+                    &self.db,
+                    &generation.name,
+                    generation.generation,
+                    Some((event_id.as_str(), bad.position)),
+                    &error.to_string(),
+                )
+                .await?;
+                Ok(good)
+            }
+            Err(FoldFailure { event: None, error }) => {
+                Err(sqlx::Error::Protocol(error.to_string()))
+            }
+        }
+    }
+
+    fn should_retry(&self, generation: &Generation) -> bool {
+        chrono::DateTime::parse_from_rfc3339(&generation.updated_at)
+            .map(|failed_at| {
+                let elapsed = chrono::Utc::now().signed_duration_since(failed_at);
+                elapsed.to_std().unwrap_or_default() >= self.settings.retry_failed_after
+            })
+            .unwrap_or(true)
+    }
+}

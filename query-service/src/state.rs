@@ -1,0 +1,80 @@
+//! The state the log-backed routes share: the event log, the token verifier and
+//! the tuning of the live feed and of `min_position` waits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::FromRef;
+use crm_eventlog::EventLog;
+use crm_projection_service::ReadDb;
+use crm_service_kit::auth::Tokens;
+use tokio::sync::watch;
+
+/// Tuning of `GET /v1/events/live` (and of `min_position` waits).
+#[derive(Clone, Debug)]
+pub struct LiveSettings {
+    /// Interval of SSE keep-alive comments (default 15 s).
+    pub keep_alive: Duration,
+    /// How long a caught-up stream waits for the head watch before reading the
+    /// log anyway (polling fallback; default 1 s).
+    pub poll_interval: Duration,
+    /// Events read from the log per page (default 500).
+    pub page_size: i64,
+    /// Longest wait for `min_position` before answering 503 (default 5 s).
+    pub min_position_timeout: Duration,
+    /// When this flips to `true`, open live streams end (graceful shutdown:
+    /// `axum::serve(..).with_graceful_shutdown` waits for open responses).
+    pub shutdown: Option<watch::Receiver<bool>>,
+}
+
+impl Default for LiveSettings {
+    fn default() -> Self {
+        Self {
+            keep_alive: Duration::from_secs(15),
+            poll_interval: Duration::from_secs(1),
+            page_size: 500,
+            min_position_timeout: Duration::from_secs(5),
+            shutdown: None,
+        }
+    }
+}
+
+/// Everything the log-backed routes need; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct QueryState {
+    pub log: EventLog,
+    pub tokens: Arc<Tokens>,
+    pub live: LiveSettings,
+    /// The read models; without them only the log-backed routes can answer.
+    pub read: Option<ReadDb>,
+}
+
+impl QueryState {
+    /// State with default [`LiveSettings`].
+    pub fn new(log: EventLog, tokens: Arc<Tokens>) -> Self {
+        Self {
+            log,
+            tokens,
+            live: LiveSettings::default(),
+            read: None,
+        }
+    }
+
+    /// Adds the read-model database (for the read-model routes).
+    pub fn with_read_models(mut self, read: ReadDb) -> Self {
+        self.read = Some(read);
+        self
+    }
+
+    /// Replaces the live-feed settings.
+    pub fn with_live(mut self, live: LiveSettings) -> Self {
+        self.live = live;
+        self
+    }
+}
+
+impl FromRef<QueryState> for Arc<Tokens> {
+    fn from_ref(state: &QueryState) -> Self {
+        state.tokens.clone()
+    }
+}
