@@ -5,6 +5,7 @@ mod rebuild;
 mod secret;
 mod serve;
 mod stores;
+mod telemetry;
 
 use std::path::PathBuf;
 

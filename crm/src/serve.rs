@@ -66,10 +66,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown: Some(stopping.clone()),
         ..LiveSettings::default()
     };
+    let tokens_for_metrics = tokens.clone();
     let queries = QueryState::new(log.clone(), tokens)
         .with_live(live)
         .with_read_models(read_db);
-    let routes = crm_command_service::routes(app).merge(crm_query_service::routes(queries));
+    let routes = crm_command_service::routes(app)
+        .merge(crm_query_service::routes(queries))
+        .merge(crate::telemetry::metrics_routes(tokens_for_metrics)?);
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("binding {}", args.http_addr))?;

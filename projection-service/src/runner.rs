@@ -167,8 +167,17 @@ impl Runner {
         let pause = self.settings.pause_per_event;
         let outcome =
             fold_batch_paced(&self.db, projection, &tables, events, checkpoint, pause).await;
+        let name = projection.name();
         match outcome {
-            Ok(()) => Ok(events.len()),
+            Ok(()) => {
+                let last = events
+                    .last()
+                    .map_or(generation.checkpoint, |event| event.position);
+                metrics::gauge!("crm_projection_position", "projection" => name).set(last as f64);
+                metrics::counter!("crm_projection_events_total", "projection" => name)
+                    .increment(events.len() as u64);
+                Ok(events.len())
+            }
             Err(FoldFailure {
                 event: Some(bad),
                 error,
@@ -187,6 +196,8 @@ impl Runner {
                 }
                 tracing::error!(projection = projection.name(), event_id = %bad.event_id, position = bad.position,
                     %error, "projection stopped at an event it cannot fold");
+                metrics::counter!("crm_projection_failures_total", "projection" => name)
+                    .increment(1);
                 let event_id = bad.event_id.to_string();
                 registry::record_failure(
                     &self.db,

@@ -1,0 +1,355 @@
+//! The read side through `crm serve`: read-your-writes with `min_position`,
+//! read models after a scripted scenario, time travel, and which role may
+//! read which route.
+
+use crm_tests::{Backend, Reply, Server};
+use serde_json::{json, Value};
+
+async fn created(server: &Server, path: &str, body: Value) -> Reply {
+    let reply = server.post(path, &body).await;
+    assert!(
+        reply.status == 201 || reply.status == 200,
+        "{path}: {reply:?}"
+    );
+    reply
+}
+
+fn position(reply: &Reply) -> i64 {
+    reply.body["position"].as_i64().expect("position")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_see_their_writes_on_sqlite() {
+    reads_see_their_writes_and_the_scenario_adds_up(Server::start(Backend::Sqlite).await.unwrap())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_see_their_writes_on_postgres() {
+    let Some(server) = Server::start(Backend::Postgres).await else {
+        return;
+    };
+    reads_see_their_writes_and_the_scenario_adds_up(server).await;
+}
+
+async fn reads_see_their_writes_and_the_scenario_adds_up(server: Server) {
+    let account = created(
+        &server,
+        "/v1/accounts",
+        json!({"name": "Acme Corp", "owner": "alice"}),
+    )
+    .await
+    .id();
+    let contact = created(
+        &server,
+        "/v1/contacts",
+        json!({"account_id": account, "name": "Jane Doe", "email": "jane@acme.example"}),
+    )
+    .await
+    .id();
+    let open = |name: &str, amount: &str, currency: &str, stage: &str| {
+        json!({"account_id": account, "name": name, "amount": {"amount": amount, "currency": currency},
+               "expected_close": "2027-03-31", "owner": "alice", "stage": stage})
+    };
+    let big = created(
+        &server,
+        "/v1/opportunities",
+        open("Big", "1000.00", "USD", "proposal"),
+    )
+    .await
+    .id();
+    let _small = created(
+        &server,
+        "/v1/opportunities",
+        open("Small", "200.00", "USD", "prospecting"),
+    )
+    .await
+    .id();
+    let euro = created(
+        &server,
+        "/v1/opportunities",
+        open("Euro", "500.00", "EUR", "proposal"),
+    )
+    .await
+    .id();
+    let lost = created(
+        &server,
+        "/v1/opportunities",
+        open("Lost", "300.00", "USD", "qualification"),
+    )
+    .await
+    .id();
+    created(
+        &server,
+        &format!("/v1/opportunities/{lost}/lose"),
+        json!({"reason": "price"}),
+    )
+    .await;
+    let call = created(&server, &format!("/v1/contacts/{contact}/activities"),
+        json!({"kind": "call", "subject": "Pricing", "occurred_at": "2026-11-20T09:30:00Z", "opportunity_id": big})).await;
+    let case = created(&server, "/v1/cases", json!({"account_id": account, "contact_id": contact, "subject": "Login loop", "priority": "urgent"})).await.id();
+    let moved = created(
+        &server,
+        &format!("/v1/opportunities/{euro}/advance"),
+        json!({"stage": "negotiation"}),
+    )
+    .await;
+    let head = position(&moved);
+
+    // Read your writes: each read waits for its projection to reach the position.
+    let record = server
+        .get(&format!("/v1/opportunities/{euro}?min_position={head}"))
+        .await;
+    assert_eq!(record.status, 200, "{record:?}");
+    assert_eq!(record.body["stage"], "negotiation", "{}", record.body);
+
+    let board = server
+        .get(&format!("/v1/pipeline?min_position={head}"))
+        .await;
+    assert_eq!(board.status, 200, "{board:?}");
+    let stage = |name: &str| {
+        board.body["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(stage("proposal")["count"], 1);
+    assert_eq!(stage("negotiation")["count"], 1);
+    assert_eq!(stage("prospecting")["count"], 1);
+    assert_eq!(
+        stage("qualification")["count"],
+        0,
+        "the lost deal left the board"
+    );
+    let board_text = board.body.to_string();
+    assert!(
+        board_text.contains("EUR") && board_text.contains("USD"),
+        "currencies are kept apart: {board_text}"
+    );
+
+    let summary = server
+        .get(&format!("/v1/customers/{account}?min_position={head}"))
+        .await;
+    assert_eq!(summary.status, 200, "{summary:?}");
+    assert_eq!(
+        summary.body["open_opportunities"]["count"], 3,
+        "{}",
+        summary.body
+    );
+    assert_eq!(summary.body["open_cases"], 1, "{}", summary.body);
+    assert_eq!(
+        summary.body["last_contact"]["kind"], "call",
+        "{}",
+        summary.body
+    );
+
+    let timeline = server
+        .get(&format!(
+            "/v1/contacts/{contact}/history?min_position={head}"
+        ))
+        .await;
+    assert_eq!(timeline.status, 200, "{timeline:?}");
+    assert!(timeline.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["position"] == position(&call)));
+
+    let sla = server
+        .get(&format!("/v1/service-levels?min_position={head}"))
+        .await;
+    assert_eq!(sla.status, 200, "{sla:?}");
+    assert!(
+        sla.body["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"] == case.as_str()),
+        "{}",
+        sla.body
+    );
+
+    let audit = server
+        .get(&format!("/v1/audit?stream_id={lost}&min_position={head}"))
+        .await;
+    assert_eq!(audit.status, 200, "{audit:?}");
+    let entries = audit.body["items"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "opened and lost");
+    assert!(
+        entries[1]["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["field"] == "status" && c["new"] == "lost"),
+        "{}",
+        entries[1]
+    );
+    assert_eq!(entries[1]["actor"], "test-admin");
+
+    let export = server
+        .http
+        .get(server.url(&format!(
+            "/v1/audit/export?format=jsonl&min_position={head}"
+        )))
+        .bearer_auth(&server.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(export.status(), 200);
+    assert_eq!(
+        export.text().await.unwrap().lines().count() as i64,
+        head,
+        "one exported line per event"
+    );
+
+    // A position the log has not reached: 503 naming where the model stands, never stale data.
+    let ahead = server
+        .get(&format!("/v1/pipeline?min_position={}", head + 1000))
+        .await;
+    ahead.problem(503);
+    assert!(
+        ahead.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&head.to_string()),
+        "{}",
+        ahead.body
+    );
+
+    let projections = server.get("/v1/projections").await;
+    let statuses = projections.body["projections"].as_array().unwrap();
+    assert_eq!(statuses.len(), 5, "{}", projections.body);
+    assert!(
+        statuses
+            .iter()
+            .all(|p| p["head"] == head && p["error"].is_null()),
+        "{}",
+        projections.body
+    );
+    let metrics = server.get("/metrics").await;
+    assert_eq!(metrics.status, 200);
+    let text = metrics.body.as_str().unwrap();
+    assert!(
+        text.contains(&format!(
+            "crm_projection_position{{projection=\"audit\"}} {head}"
+        )),
+        "{text}"
+    );
+    server.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_travel_and_the_feed_through_crm_serve() {
+    let server = Server::start(Backend::Sqlite).await.unwrap();
+    let account = created(&server, "/v1/accounts", json!({"name": "Acme Corp"}))
+        .await
+        .id();
+    let id = created(&server, "/v1/opportunities", json!({"account_id": account, "name": "Deal", "amount": {"amount": "10.00", "currency": "USD"}, "expected_close": "2027-01-31"})).await.id();
+    created(
+        &server,
+        &format!("/v1/opportunities/{id}/advance"),
+        json!({"stage": "qualification"}),
+    )
+    .await;
+    let events = server.events("opportunity", &id).await;
+    let between = events[1]["recorded_at"].as_str().unwrap().to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    created(
+        &server,
+        &format!("/v1/opportunities/{id}/advance"),
+        json!({"stage": "proposal"}),
+    )
+    .await;
+    let at = server
+        .get(&format!(
+            "/v1/streams/opportunity/{id}/state?at={}",
+            between.replace('+', "%2B")
+        ))
+        .await;
+    assert_eq!(at.status, 200, "{at:?}");
+    assert_eq!(at.body["version"], 2);
+    assert_eq!(at.body["state"]["stage"], "qualification", "{}", at.body);
+    let feed = server.get("/v1/events?after=0&limit=10").await;
+    assert_eq!(feed.status, 200);
+    let kinds: Vec<&str> = feed.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "crm.account.AccountRegistered",
+            "crm.opportunity.OpportunityOpened",
+            "crm.opportunity.OpportunityStageAdvanced",
+            "crm.opportunity.OpportunityStageAdvanced"
+        ]
+    );
+    server.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_reads_only_what_it_may() {
+    let server = Server::start(Backend::Sqlite).await.unwrap();
+    let account = created(&server, "/v1/accounts", json!({"name": "Acme Corp"}))
+        .await
+        .id();
+    let head = server.head().await;
+    let routes = [
+        ("pipeline", format!("/v1/pipeline?min_position={head}")),
+        ("pipeline", "/v1/pipeline/forecast".to_string()),
+        ("pipeline", "/v1/pipeline/analytics".to_string()),
+        ("records", "/v1/accounts".to_string()),
+        (
+            "records",
+            format!("/v1/accounts/{account}?min_position={head}"),
+        ),
+        (
+            "customers",
+            format!("/v1/customers/{account}?min_position={head}"),
+        ),
+        ("customers", format!("/v1/customers/{account}/history")),
+        ("service_levels", "/v1/service-levels".to_string()),
+        ("service_levels", "/v1/service-levels/stats".to_string()),
+        ("audit", "/v1/audit".to_string()),
+        ("audit", "/v1/audit/export?format=csv".to_string()),
+        ("log", format!("/v1/streams/account/{account}/events")),
+        (
+            "log",
+            format!("/v1/streams/account/{account}/state?version=1"),
+        ),
+        ("log", "/v1/events".to_string()),
+        ("projections", "/v1/projections".to_string()),
+    ];
+    let allowed = |role: &str, area: &str| match role {
+        "admin" | "viewer" => true,
+        "sales" => matches!(area, "pipeline" | "records" | "customers" | "projections"),
+        "support" => matches!(
+            area,
+            "records" | "customers" | "service_levels" | "projections"
+        ),
+        _ => false,
+    };
+    for role in ["admin", "sales", "support", "viewer"] {
+        let token = server.token(&format!("{role}-user"), role).await.unwrap();
+        for (area, path) in &routes {
+            let reply = server
+                .request(reqwest::Method::GET, path, &token, |r| r)
+                .await;
+            if allowed(role, area) {
+                assert_eq!(reply.status, 200, "{role} reads {path}: {reply:?}");
+            } else {
+                reply.problem(403);
+            }
+        }
+    }
+    for (_, path) in &routes {
+        let anonymous = server.http.get(server.url(path)).send().await.unwrap();
+        assert_eq!(anonymous.status(), 401, "{path} needs a token");
+    }
+    server.finish().await;
+}
