@@ -12,7 +12,7 @@ pub async fn create_tables(
     projection: &dyn Projection,
     tables: &Tables,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = db.pool.begin().await?;
+    let mut tx = db.begin_write().await?;
     for statement in projection.schema(tables) {
         sqlx::query(&statement).execute(&mut *tx).await?;
     }
@@ -25,7 +25,7 @@ pub async fn drop_tables(
     projection: &dyn Projection,
     tables: &Tables,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = db.pool.begin().await?;
+    let mut tx = db.begin_write().await?;
     for base in projection.table_names() {
         sqlx::query(&format!("DROP TABLE IF EXISTS {}", tables.t(base)))
             .execute(&mut *tx)
@@ -68,7 +68,7 @@ pub async fn fold_batch_paced(
         event: None,
         error: error.into(),
     };
-    let mut tx = db.pool.begin().await.map_err(whole)?;
+    let mut tx = db.begin_write().await.map_err(whole)?;
     for event in events {
         if let Err(error) = projection.apply(&mut tx, tables, event).await {
             return Err(FoldFailure {

@@ -62,6 +62,48 @@ impl ReadDb {
     }
 }
 
+impl ReadDb {
+    /// A transaction that will write. On SQLite it takes the write lock up
+    /// front (`BEGIN IMMEDIATE`): a deferred transaction that reads and then
+    /// writes fails at once with "database is locked" when another connection
+    /// (another worker, `crm rebuild`) wrote in between, instead of waiting.
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            ReadBackend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            ReadBackend::Postgres => self.pool.begin().await,
+        }
+    }
+}
+
+/// Whether a database error is worth retrying as is (lock contention, a lost
+/// connection) rather than a sign that the event or the projection is wrong.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(database) => {
+            let code = database
+                .code()
+                .map(|code| code.into_owned())
+                .unwrap_or_default();
+            // SQLite: BUSY (5), LOCKED (6) and their extended codes; PostgreSQL:
+            // serialization failure, deadlock, admin shutdown, connection classes.
+            let sqlite_busy = code
+                .parse::<i64>()
+                .is_ok_and(|code| matches!(code & 0xff, 5 | 6));
+            sqlite_busy
+                || matches!(
+                    code.as_str(),
+                    "40001" | "40P01" | "57P01" | "57P02" | "57P03"
+                )
+                || code.starts_with("08")
+        }
+        _ => false,
+    }
+}
+
 /// Timestamps in the read models: RFC 3339 UTC with microseconds, so text order is time order.
 pub fn timestamp(at: &chrono::DateTime<chrono::Utc>) -> String {
     at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)

@@ -103,7 +103,7 @@ pub async fn create_generation(
     projection: &dyn Projection,
     state: &str,
 ) -> Result<Generation, sqlx::Error> {
-    let mut tx = db.pool.begin().await?;
+    let mut tx = db.begin_write().await?;
     let next: i64 = sqlx::query(
         "SELECT COALESCE(MAX(generation), 0) + 1 AS next FROM rm_projections WHERE name = $1",
     )
@@ -144,7 +144,7 @@ pub async fn create_generation(
 /// Makes `generation` the serving one and retires the previous, atomically.
 pub async fn activate(db: &ReadDb, name: &str, generation: i64) -> Result<(), sqlx::Error> {
     let now = timestamp(&chrono::Utc::now());
-    let mut tx = db.pool.begin().await?;
+    let mut tx = db.begin_write().await?;
     sqlx::query(
         "UPDATE rm_projections SET state = $1, updated_at = $2 WHERE name = $3 AND state = $4",
     )

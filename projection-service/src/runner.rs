@@ -9,8 +9,8 @@ use crm_eventlog::{EventLog, RecordedEvent};
 use tokio::sync::watch;
 
 use crate::fold::{fold_batch, fold_batch_paced, FoldFailure};
-use crate::projection::Projection;
-use crate::readdb::ReadDb;
+use crate::projection::{Projection, ProjectionError};
+use crate::readdb::{is_transient, ReadDb};
 use crate::registry::{self, Generation};
 
 /// How the runner paces itself.
@@ -177,6 +177,14 @@ impl Runner {
                 metrics::counter!("crm_projection_events_total", "projection" => name)
                     .increment(events.len() as u64);
                 Ok(events.len())
+            }
+            Err(FoldFailure {
+                error: ProjectionError::Database(error),
+                ..
+            }) if is_transient(&error) => {
+                // Contention or a lost connection says nothing about the event: retry the batch.
+                tracing::debug!(projection = name, %error, "transient read-model error; retrying");
+                Err(error)
             }
             Err(FoldFailure {
                 event: Some(bad),
