@@ -56,20 +56,7 @@ impl Server {
     /// Starts a server on `backend`; None only when PostgreSQL is unreachable
     /// outside CI (in CI that panics, naming the service).
     pub async fn start(backend: Backend) -> Option<Server> {
-        let data_dir = tempfile::tempdir().expect("temp dir");
-        let (pg, database_url) = match backend {
-            Backend::Sqlite => (None, None),
-            Backend::Postgres => {
-                let db = PgTestDb::create().await?;
-                let url = db.url.clone();
-                (Some(db), Some(url))
-            }
-        };
-        let mut server = Self::spawn(data_dir, database_url, pg)
-            .await
-            .expect("crm serve starts");
-        server.admin_token = server.token("test-admin", "admin").await.expect("token");
-        Some(server)
+        Self::start_with_env(backend, &[]).await
     }
 
     async fn spawn(
@@ -77,49 +64,7 @@ impl Server {
         database_url: Option<String>,
         pg: Option<PgTestDb>,
     ) -> anyhow::Result<Server> {
-        let mut command = Command::new(crm_binary());
-        command
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(data_dir.path())
-            .arg("--http-addr")
-            .arg("127.0.0.1:0")
-            .env_remove("CRM_TOKEN_SECRET")
-            .env_remove("CRM_DATABASE_URL")
-            .env("CRM_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        if let Some(url) = &database_url {
-            command.env("CRM_DATABASE_URL", url);
-        }
-        let mut child = command.spawn().context("spawning crm serve")?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let mut stdout_lines = Vec::new();
-        let base_url = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Some(line) = lines.next_line().await? {
-                stdout_lines.push(line.clone());
-                if let Some(address) = line.strip_prefix("crm listening on ") {
-                    return Ok(address.trim().to_string());
-                }
-            }
-            bail!("crm serve exited before listening")
-        })
-        .await
-        .context("crm serve did not start within 60 s")??;
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Server {
-            child,
-            base_url,
-            data_dir,
-            stdout_lines,
-            database_url,
-            pg,
-            http: reqwest::Client::new(),
-            admin_token: String::new(),
-        })
+        Self::spawn_with_env(data_dir, database_url, pg, &[]).await
     }
 
     /// A token from `crm token issue`, signed with this server's secret.
@@ -294,5 +239,195 @@ impl Reply {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+/// Additions for crash and rebuild tests: extra environment for the child,
+/// SIGKILL, restarting on the same data with other settings, running other
+/// `crm` subcommands on the server's data, and reads that page or wait.
+impl Server {
+    /// Like [`Server::start`], with extra environment variables for
+    /// `crm serve` (e.g. `CRM_PROJECTION_BATCH`, `CRM_PROJECTION_PAUSE_MS`).
+    pub async fn start_with_env(backend: Backend, env: &[(&str, &str)]) -> Option<Server> {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let (pg, database_url) = match backend {
+            Backend::Sqlite => (None, None),
+            Backend::Postgres => {
+                let db = PgTestDb::create().await?;
+                let url = db.url.clone();
+                (Some(db), Some(url))
+            }
+        };
+        let mut server = Self::spawn_with_env(data_dir, database_url, pg, env)
+            .await
+            .expect("crm serve starts");
+        server.admin_token = server.token("test-admin", "admin").await.expect("token");
+        Some(server)
+    }
+
+    /// [`Server::spawn`] with extra environment variables.
+    async fn spawn_with_env(
+        data_dir: TempDir,
+        database_url: Option<String>,
+        pg: Option<PgTestDb>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Server> {
+        let mut command = Command::new(crm_binary());
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .arg("--http-addr")
+            .arg("127.0.0.1:0")
+            .env_remove("CRM_TOKEN_SECRET")
+            .env_remove("CRM_DATABASE_URL")
+            .env_remove("CRM_PROJECTION_BATCH")
+            .env_remove("CRM_PROJECTION_PAUSE_MS")
+            .env("CRM_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if let Some(url) = &database_url {
+            command.env("CRM_DATABASE_URL", url);
+        }
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().context("spawning crm serve")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let mut stdout_lines = Vec::new();
+        let base_url = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await? {
+                stdout_lines.push(line.clone());
+                if let Some(address) = line.strip_prefix("crm listening on ") {
+                    return Ok(address.trim().to_string());
+                }
+            }
+            bail!("crm serve exited before listening")
+        })
+        .await
+        .context("crm serve did not start within 60 s")??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Server {
+            child,
+            base_url,
+            data_dir,
+            stdout_lines,
+            database_url,
+            pg,
+            http: reqwest::Client::new(),
+            admin_token: String::new(),
+        })
+    }
+
+    /// Kills the process with SIGKILL (no shutdown code runs) and waits for it.
+    pub async fn kill9(&mut self) -> std::process::ExitStatus {
+        self.child
+            .start_kill()
+            .expect("SIGKILL is delivered to crm serve");
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("crm serve dies within 30 s of SIGKILL")
+            .expect("exit status")
+    }
+
+    /// Starts `crm serve` again on the same data (dir and database) with
+    /// `env` as its only extra environment (so knobs of the previous run are
+    /// dropped). A process still running is stopped with SIGTERM first; one
+    /// already dead (e.g. after [`Server::kill9`]) is just replaced.
+    pub async fn respawn(mut self, env: &[(&str, &str)]) -> Server {
+        if self.child.try_wait().expect("child status").is_none() {
+            let status = self.stop().await;
+            assert!(status.success(), "crm serve exited with {status}");
+        }
+        let token = std::mem::take(&mut self.admin_token);
+        let mut next =
+            Self::spawn_with_env(self.data_dir, self.database_url.take(), self.pg.take(), env)
+                .await
+                .expect("crm serve starts again");
+        next.admin_token = token;
+        next
+    }
+
+    /// The PostgreSQL URL the server runs on (None on SQLite).
+    pub fn database_url(&self) -> Option<&str> {
+        self.database_url.as_deref()
+    }
+
+    /// Runs `crm <args> --data-dir <this server's dir>` to completion, on
+    /// this server's database (`CRM_DATABASE_URL` on PostgreSQL), e.g.
+    /// `server.crm(&["rebuild", "all"])`.
+    pub async fn crm(&self, args: &[&str]) -> std::process::Output {
+        let mut command = Command::new(crm_binary());
+        command
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.data_dir.path())
+            .env_remove("CRM_TOKEN_SECRET")
+            .env_remove("CRM_DATABASE_URL")
+            .env_remove("CRM_DATA_DIR")
+            .env("CRM_LOG", "warn")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(url) = &self.database_url {
+            command.env("CRM_DATABASE_URL", url);
+        }
+        tokio::time::timeout(Duration::from_secs(300), command.output())
+            .await
+            .unwrap_or_else(|_| panic!("crm {args:?} did not finish within 300 s"))
+            .unwrap_or_else(|error| panic!("running crm {args:?}: {error}"))
+    }
+
+    /// GET `path` with `min_position=position` added. A 503 (the read model
+    /// has not reached the position yet) is retried for up to `timeout`;
+    /// any other answer is returned as is.
+    pub async fn get_at(&self, path: &str, position: i64, timeout: Duration) -> Reply {
+        let separator = if path.contains('?') { '&' } else { '?' };
+        let full = format!("{path}{separator}min_position={position}");
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let reply = self.get(&full).await;
+            if reply.status != 503 || tokio::time::Instant::now() >= deadline {
+                return reply;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every item of a cursor-paginated list (`{items, next_cursor}`), read
+    /// at `min_position=position`, following `next_cursor` to the end.
+    pub async fn get_all_pages(&self, path: &str, position: i64) -> Vec<Value> {
+        let mut items = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..100_000 {
+            let page_path = match &cursor {
+                None => path.to_string(),
+                Some(cursor) => {
+                    let separator = if path.contains('?') { '&' } else { '?' };
+                    format!("{path}{separator}cursor={cursor}")
+                }
+            };
+            let reply = self
+                .get_at(&page_path, position, Duration::from_secs(60))
+                .await;
+            assert_eq!(reply.status, 200, "GET {page_path}: {reply:?}");
+            items.extend(reply.body["items"].as_array().cloned().unwrap_or_default());
+            match reply.body["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_string()),
+                None => return items,
+            }
+        }
+        panic!("GET {path}: more than 100000 pages");
+    }
+
+    /// `GET /v1/projections`: one status object per live generation.
+    pub async fn projections(&self) -> Vec<Value> {
+        let reply = self.get("/v1/projections").await;
+        assert_eq!(reply.status, 200, "GET /v1/projections: {reply:?}");
+        reply.body["projections"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("no projections array in {reply:?}"))
     }
 }
