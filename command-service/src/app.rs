@@ -69,7 +69,10 @@ impl App {
         let if_match = header_text(headers, "if-match")?
             .map(|value| parse_if_match(&value))
             .transpose()?;
-        let request_hash = hex::encode(Sha256::digest(format!("{route}\n{body_hash}").as_bytes()));
+        // The actor is part of the fingerprint: one caller's key never replays another's outcome.
+        let request_hash = hex::encode(Sha256::digest(
+            format!("{}\n{}\n{route}\n{body_hash}", actor.tenant, actor.name).as_bytes(),
+        ));
         Ok(CommandContext {
             actor: actor.clone(),
             command: format!("{stream_type}.{command}"),

@@ -66,15 +66,14 @@ pub fn routes(app: App) -> Router {
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .route(
-            "/openapi.json",
-            get(|| async { Json(openapi::ApiDoc::openapi()) }),
-        )
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         .with_state(app)
 }
 
-/// The command service on its own: [`routes`] inside the shared HTTP stack.
+/// The command service on its own: [`routes`] and its OpenAPI document
+/// inside the shared HTTP stack.
 pub fn router(app: App) -> Router {
-    crm_service_kit::http::stack(routes(app))
+    let document = openapi::ApiDoc::openapi();
+    let docs = Router::new().route("/openapi.json", get(move || async move { Json(document) }));
+    crm_service_kit::http::stack(routes(app).merge(docs))
 }

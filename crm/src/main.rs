@@ -63,7 +63,7 @@ struct IssueArgs {
     /// Who the token speaks for; recorded as the actor of every event.
     #[arg(long)]
     actor: String,
-    /// Role(s): admin, sales, support, viewer (repeat or comma-separate).
+    /// Role(s): admin, sales, support, viewer, auditor (repeat or comma-separate).
     #[arg(long = "role", required = true, value_delimiter = ',')]
     roles: Vec<Role>,
     /// Days until the token expires.

@@ -72,7 +72,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_read_models(read_db);
     let routes = crm_command_service::routes(app)
         .merge(crm_query_service::routes(queries))
-        .merge(crate::telemetry::metrics_routes(tokens_for_metrics)?);
+        .merge(crate::telemetry::metrics_routes(tokens_for_metrics)?)
+        .merge(openapi_route());
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("binding {}", args.http_addr))?;
@@ -102,6 +103,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     log.close().await;
     tracing::info!("crm stopped");
     Ok(())
+}
+
+/// `/openapi.json`: the command API and the query API in one document.
+fn openapi_route() -> axum::Router {
+    use utoipa::OpenApi;
+    let mut document = crm_command_service::openapi::ApiDoc::openapi();
+    document.merge(crm_query_service::LogApiDoc::openapi());
+    axum::Router::new().route(
+        "/openapi.json",
+        axum::routing::get(move || async move { axum::Json(document) }),
+    )
 }
 
 /// Runner pacing; `CRM_PROJECTION_PAUSE_MS` slows folding down (crash tests only).

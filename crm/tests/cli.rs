@@ -68,7 +68,10 @@ fn an_unknown_role_is_refused_with_the_allowed_ones() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("admin, sales, support, viewer"), "{stderr}");
+    assert!(
+        stderr.contains("admin, sales, support, viewer, auditor"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -26,4 +26,7 @@ pub enum LogError {
     /// The log was closed.
     #[error("event log is closed")]
     Closed,
+    /// `wait_for_position` timed out: the head is still below the wanted position.
+    #[error("the event log is at position {head}, below {wanted}")]
+    NotYet { head: i64, wanted: i64 },
 }

@@ -244,6 +244,37 @@ impl EventLog {
         self.inner.head.subscribe()
     }
 
+    /// Waits until the head has reached `position` (a client reading its own
+    /// write through another replica), at most `timeout`. `Err(head)` when it
+    /// has not: the caller answers "not yet" with the current position.
+    pub async fn wait_for_position(
+        &self,
+        position: i64,
+        timeout: std::time::Duration,
+    ) -> Result<(), LogError> {
+        let mut head_watch = self.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let head = self.head_position().await?;
+            if head >= position {
+                return Ok(());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(LogError::NotYet {
+                    head,
+                    wanted: position,
+                });
+            }
+            // Wake on the next commit, and re-read at least every 100 ms
+            // (another process's commit may not move this watch).
+            let nap = (deadline - now).min(std::time::Duration::from_millis(100));
+            if let Ok(Err(_)) = tokio::time::timeout(nap, head_watch.changed()).await {
+                tokio::time::sleep(nap).await;
+            }
+        }
+    }
+
     /// The stored idempotency record for `key`, if any.
     pub async fn idempotency_record(
         &self,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::Query;
 use crm_domain::error::FieldError;
-use crm_eventlog::EventLog;
+use crm_eventlog::{EventLog, LogError};
 use crm_service_kit::problem::Problem;
 use serde::de::DeserializeOwned;
 
@@ -76,28 +76,11 @@ pub async fn wait_for_position(
     min_position: i64,
     timeout: Duration,
 ) -> Result<(), Problem> {
-    let mut head_watch = log.subscribe();
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let head = log
-            .head_position()
-            .await
-            .map_err(|error| Problem::internal(&error))?;
-        if head >= min_position {
-            return Ok(());
-        }
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
-            return Err(Problem::unavailable(format!(
-                "the event log is at position {head}, below min_position {min_position}; \
-                 retry later"
-            )));
-        }
-        // Wake on the next commit, and re-read at least every 100 ms (other
-        // processes' commits may not move the watch).
-        let nap = (deadline - now).min(Duration::from_millis(100));
-        if let Ok(Err(_)) = tokio::time::timeout(nap, head_watch.changed()).await {
-            tokio::time::sleep(nap).await;
-        }
+    match log.wait_for_position(min_position, timeout).await {
+        Ok(()) => Ok(()),
+        Err(LogError::NotYet { head, wanted }) => Err(Problem::unavailable(format!(
+            "the event log is at position {head}, below min_position {wanted}; retry later"
+        ))),
+        Err(error) => Err(Problem::internal(&error)),
     }
 }

@@ -26,12 +26,20 @@ pub enum Role {
     Sales,
     /// Cases, and activities with contacts.
     Support,
-    /// Reads only (auditors, analysts).
+    /// Business reads only (analysts, managers): no audit trail, no raw log.
     Viewer,
+    /// Every read, including the audit trail and the raw log; no commands.
+    Auditor,
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Role::Admin, Role::Sales, Role::Support, Role::Viewer];
+    pub const ALL: [Role; 5] = [
+        Role::Admin,
+        Role::Sales,
+        Role::Support,
+        Role::Viewer,
+        Role::Auditor,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -39,6 +47,7 @@ impl Role {
             Role::Sales => "sales",
             Role::Support => "support",
             Role::Viewer => "viewer",
+            Role::Auditor => "auditor",
         }
     }
 
@@ -52,7 +61,7 @@ impl Role {
                     || (stream_type == "contact"
                         && matches!(command, "log_activity" | "complete_task"))
             }
-            Role::Viewer => false,
+            Role::Viewer | Role::Auditor => false,
         }
     }
 }
@@ -78,11 +87,12 @@ pub enum ReadArea {
 }
 
 impl Role {
-    /// Auditors (viewer) and admins see everything; sales and support see the
-    /// read models of their work, never the audit trail or the raw log.
+    /// Auditors and admins see everything; the others see the read models of
+    /// their work, never the audit trail or the raw log (which reveals as much).
     pub fn may_read(self, area: ReadArea) -> bool {
         match self {
-            Role::Admin | Role::Viewer => true,
+            Role::Admin | Role::Auditor => true,
+            Role::Viewer => !matches!(area, ReadArea::Audit | ReadArea::Log),
             Role::Sales => matches!(
                 area,
                 ReadArea::Pipeline
@@ -115,7 +125,7 @@ impl FromStr for Role {
             .into_iter()
             .find(|role| role.as_str() == value)
             .ok_or_else(|| {
-                format!("unknown role `{value}`; expected one of admin, sales, support, viewer")
+                format!("unknown role `{value}`; expected one of admin, sales, support, viewer, auditor")
             })
     }
 }
@@ -333,7 +343,8 @@ mod tests {
     #[test]
     fn only_auditors_and_admins_read_the_audit_trail_and_the_log() {
         for area in [ReadArea::Audit, ReadArea::Log] {
-            assert!(Role::Admin.may_read(area) && Role::Viewer.may_read(area));
+            assert!(Role::Admin.may_read(area) && Role::Auditor.may_read(area));
+            assert!(!Role::Viewer.may_read(area));
             assert!(!Role::Sales.may_read(area) && !Role::Support.may_read(area));
         }
         assert!(
@@ -353,6 +364,7 @@ mod tests {
         assert!(Role::Support.may_command("contact", "log_activity"));
         assert!(!Role::Support.may_command("contact", "create"));
         assert!(!Role::Viewer.may_command("lead", "capture"));
+        assert!(!Role::Auditor.may_command("lead", "capture"));
         assert!(Role::Admin.may_command("account", "archive"));
     }
 }

@@ -7,11 +7,47 @@ use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::problem::Problem;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use axum::response::{IntoResponse, Response};
+
+use crate::problem::{Problem, PROBLEM_JSON};
+
+/// Error answers produced outside our handlers (axum's own extractor
+/// rejections, e.g. a path segment that is not UTF-8) become problem+json too.
+async fn problem_for_plain_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_error = status.is_client_error() || status.is_server_error();
+    let is_problem = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes() == PROBLEM_JSON.as_bytes());
+    if !is_error || is_problem {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .unwrap_or_default();
+    let detail = String::from_utf8_lossy(&text).trim().to_string();
+    let title = status.canonical_reason().unwrap_or("Error");
+    let detail = if detail.is_empty() {
+        title.to_string()
+    } else {
+        detail
+    };
+    let problem = Problem::new(status, "http-error", title, detail).into_response();
+    let (problem_parts, problem_body) = problem.into_parts();
+    parts.headers.remove(CONTENT_LENGTH);
+    if let Some(content_type) = problem_parts.headers.get(CONTENT_TYPE) {
+        parts.headers.insert(CONTENT_TYPE, content_type.clone());
+    }
+    Response::from_parts(parts, problem_body)
+}
 
 /// Wraps fully-stated routes (possibly merged from several services).
 pub fn stack(routes: Router) -> Router {
     routes
+        .layer(axum::middleware::map_response(problem_for_plain_errors))
         .fallback(|| async { Problem::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             Problem::new(

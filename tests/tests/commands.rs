@@ -57,6 +57,24 @@ async fn idempotent_retry_appends_once(server: &Server) {
     );
     assert_eq!(server.events("account", &first.id()).await.len(), 1);
 
+    let other_actor = server.token("mallory", "admin").await.unwrap();
+    let foreign = server
+        .request(
+            reqwest::Method::POST,
+            "/v1/accounts",
+            &other_actor,
+            |request| {
+                request
+                    .header("Idempotency-Key", "retry-42")
+                    .json(&account_body())
+            },
+        )
+        .await;
+    assert_eq!(
+        foreign.problem(422),
+        vec!["Idempotency-Key"],
+        "another actor's key never replays its outcome"
+    );
     let reused = server
         .request(
             reqwest::Method::POST,
@@ -285,6 +303,13 @@ async fn auth_and_roles_are_enforced(server: &Server) {
         })
         .await
         .problem(401);
+    let auditor = server.token("audrey", "auditor").await.unwrap();
+    server
+        .request(reqwest::Method::POST, "/v1/accounts", &auditor, |r| {
+            r.json(&account_body())
+        })
+        .await
+        .problem(403);
     let viewer = server.token("vera", "viewer").await.unwrap();
     server
         .request(reqwest::Method::POST, "/v1/accounts", &viewer, |r| {

@@ -272,6 +272,38 @@ async fn time_travel_and_the_feed_through_crm_serve() {
     assert_eq!(at.status, 200, "{at:?}");
     assert_eq!(at.body["version"], 2);
     assert_eq!(at.body["state"]["stage"], "qualification", "{}", at.body);
+    let head = server.head().await;
+    let history = server
+        .get(&format!(
+            "/v1/streams/opportunity/{id}/events?min_position={head}"
+        ))
+        .await;
+    assert_eq!(
+        history.status, 200,
+        "raw history takes min_position too: {history:?}"
+    );
+    let fields = server
+        .get(&format!(
+            "/v1/streams/opportunity/{id}/events?min_position=-1"
+        ))
+        .await
+        .problem(422);
+    assert_eq!(fields, vec!["min_position"]);
+    let unknown = uuid::Uuid::now_v7();
+    server
+        .get(&format!(
+            "/v1/customers/{unknown}/history?min_position={head}"
+        ))
+        .await
+        .problem(404);
+    server
+        .get(&format!(
+            "/v1/contacts/{unknown}/history?min_position={head}"
+        ))
+        .await
+        .problem(404);
+    server.get("/v1/accounts/%FF").await.problem(400);
+    server.get("/v1/streams/%FF/x/events").await.problem(400);
     let feed = server.get("/v1/events?after=0&limit=10").await;
     assert_eq!(feed.status, 200);
     let kinds: Vec<&str> = feed.body["events"]
@@ -298,21 +330,46 @@ async fn each_role_reads_only_what_it_may() {
     let account = created(&server, "/v1/accounts", json!({"name": "Acme Corp"}))
         .await
         .id();
+    let contact = created(
+        &server,
+        "/v1/contacts",
+        json!({"account_id": account, "name": "Jane"}),
+    )
+    .await
+    .id();
+    let opportunity = created(
+        &server,
+        "/v1/opportunities",
+        json!({"account_id": account, "name": "Deal",
+        "amount": {"amount": "1.00", "currency": "USD"}, "expected_close": "2027-01-31"}),
+    )
+    .await
+    .id();
+    let case = created(
+        &server,
+        "/v1/cases",
+        json!({"account_id": account, "subject": "Help"}),
+    )
+    .await
+    .id();
+    let lead = created(
+        &server,
+        "/v1/leads",
+        json!({"name": "Lee", "email": "lee@x.example"}),
+    )
+    .await
+    .id();
     let head = server.head().await;
-    let routes = [
+    let mut routes = vec![
         ("pipeline", format!("/v1/pipeline?min_position={head}")),
         ("pipeline", "/v1/pipeline/forecast".to_string()),
         ("pipeline", "/v1/pipeline/analytics".to_string()),
-        ("records", "/v1/accounts".to_string()),
-        (
-            "records",
-            format!("/v1/accounts/{account}?min_position={head}"),
-        ),
         (
             "customers",
             format!("/v1/customers/{account}?min_position={head}"),
         ),
         ("customers", format!("/v1/customers/{account}/history")),
+        ("customers", format!("/v1/contacts/{contact}/history")),
         ("service_levels", "/v1/service-levels".to_string()),
         ("service_levels", "/v1/service-levels/stats".to_string()),
         ("audit", "/v1/audit".to_string()),
@@ -323,10 +380,26 @@ async fn each_role_reads_only_what_it_may() {
             format!("/v1/streams/account/{account}/state?version=1"),
         ),
         ("log", "/v1/events".to_string()),
+        ("log", "/v1/events/live".to_string()),
         ("projections", "/v1/projections".to_string()),
+        ("projections", "/metrics".to_string()),
     ];
+    for (collection, id) in [
+        ("leads", &lead),
+        ("accounts", &account),
+        ("contacts", &contact),
+        ("opportunities", &opportunity),
+        ("cases", &case),
+    ] {
+        routes.push(("records", format!("/v1/{collection}")));
+        routes.push((
+            "records",
+            format!("/v1/{collection}/{id}?min_position={head}"),
+        ));
+    }
     let allowed = |role: &str, area: &str| match role {
-        "admin" | "viewer" => true,
+        "admin" | "auditor" => true,
+        "viewer" => !matches!(area, "audit" | "log"),
         "sales" => matches!(area, "pipeline" | "records" | "customers" | "projections"),
         "support" => matches!(
             area,
@@ -334,13 +407,27 @@ async fn each_role_reads_only_what_it_may() {
         ),
         _ => false,
     };
-    for role in ["admin", "sales", "support", "viewer"] {
+    // The live feed never ends by itself: judge it by its status line alone.
+    let status_of = |path: String, token: String| {
+        let request = server.http.get(server.url(&path)).bearer_auth(token);
+        async move { request.send().await.expect("answers").status().as_u16() }
+    };
+    for role in ["admin", "sales", "support", "viewer", "auditor"] {
         let token = server.token(&format!("{role}-user"), role).await.unwrap();
         for (area, path) in &routes {
+            let expected = if allowed(role, area) { 200 } else { 403 };
+            if path.ends_with("/live") {
+                assert_eq!(
+                    status_of(path.clone(), token.clone()).await,
+                    expected,
+                    "{role} reads {path}"
+                );
+                continue;
+            }
             let reply = server
                 .request(reqwest::Method::GET, path, &token, |r| r)
                 .await;
-            if allowed(role, area) {
+            if expected == 200 {
                 assert_eq!(reply.status, 200, "{role} reads {path}: {reply:?}");
             } else {
                 reply.problem(403);

@@ -29,6 +29,8 @@ async fn first_start_explains_how_to_get_a_token() {
         "/v1/opportunities/{id}/advance",
         "/v1/cases/{id}/resolve",
         "/v1/streams/{stream_type}/{id}/events",
+        "/v1/streams/{stream_type}/{id}/state",
+        "/v1/events/live",
     ] {
         assert!(
             openapi.body["paths"][path].is_object(),

@@ -2,7 +2,7 @@
 
 use axum::extract::{Path, Query, State};
 use axum::Json;
-use crm_eventlog::RecordedEvent;
+use crm_eventlog::{LogError, RecordedEvent};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -13,6 +13,15 @@ use crate::problem::Problem;
 /// Stream types of the log.
 pub const STREAM_TYPES: [&str; 5] = ["lead", "account", "contact", "opportunity", "case"];
 const MAX_PAGE: i64 = 1000;
+/// Longest wait for `min_position`, as on the query routes.
+const MIN_POSITION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn invalid(field: &str, message: &str) -> Problem {
+    Problem::validation(vec![crm_domain::error::FieldError {
+        field: field.to_string(),
+        message: message.to_string(),
+    }])
+}
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +30,8 @@ pub struct HistoryQuery {
     pub after_version: Option<i64>,
     /// Page size, 1..=1000 (default 100).
     pub limit: Option<i64>,
+    /// Wait (up to 5 s) until the log has reached this position (read your writes across replicas).
+    pub min_position: Option<i64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -55,16 +66,30 @@ pub async fn events(
     }
     let after_version = query.after_version.unwrap_or(0);
     if after_version < 0 {
-        return Err(Problem::bad_request("after_version", "must be >= 0"));
+        return Err(invalid("after_version", "must be >= 0"));
     }
     let limit = query.limit.unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(Problem::bad_request(
-            "limit",
-            format!("must be 1..={MAX_PAGE}"),
-        ));
+        return Err(invalid("limit", &format!("must be 1..={MAX_PAGE}")));
     }
     let log = app.executor.log();
+    if let Some(position) = query.min_position {
+        if position < 0 {
+            return Err(invalid(
+                "min_position",
+                "must be a log position (integer >= 0)",
+            ));
+        }
+        match log.wait_for_position(position, MIN_POSITION_WAIT).await {
+            Ok(()) => {}
+            Err(LogError::NotYet { head, wanted }) => {
+                return Err(Problem::unavailable(format!(
+                    "the event log is at position {head}, below min_position {wanted}; retry later"
+                )))
+            }
+            Err(error) => return Err(Problem::internal(&error)),
+        }
+    }
     let version = log
         .stream_version(&actor.tenant, &stream_type, &stream_id)
         .await

@@ -288,6 +288,23 @@ async fn timeline(
 ) -> Result<Json<records::Page<history::TimelineEntry>>, Problem> {
     let (params, min) = parse::<TimelineParams>(raw)?;
     let generation = serving(state, "history", min).await?;
+    // An unknown account or contact is a 404, not an empty timeline.
+    let (kind, id) = match (&account_id, &contact_id) {
+        (Some(id), _) => (RecordKind::Account, id.to_ascii_lowercase()),
+        (None, Some(id)) => (RecordKind::Contact, id.to_ascii_lowercase()),
+        (None, None) => return Err(Problem::not_found("no such timeline")),
+    };
+    let records = serving(state, "records", min).await?;
+    if records::get(read_db(state)?, &records.tables(), kind, &id)
+        .await
+        .map_err(query_problem)?
+        .is_none()
+    {
+        return Err(Problem::not_found(format!(
+            "no {} with id {id}",
+            kind.as_str()
+        )));
+    }
     let query = history::TimelineQuery {
         account_id: account_id.map(|id| id.to_ascii_lowercase()),
         contact_id: contact_id.map(|id| id.to_ascii_lowercase()),

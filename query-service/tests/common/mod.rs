@@ -75,7 +75,7 @@ impl Server {
     pub async fn start(log: EventLog, live: LiveSettings) -> Server {
         let tokens = Arc::new(Tokens::new(&[7u8; 32]).expect("tokens"));
         let token = tokens
-            .issue("alice", &[Role::Viewer], chrono::Duration::hours(1))
+            .issue("alice", &[Role::Auditor], chrono::Duration::hours(1))
             .expect("issue token");
         let state = QueryState::new(log, tokens.clone()).with_live(live);
         let app = log_routes().with_state(state);
