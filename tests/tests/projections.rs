@@ -151,10 +151,22 @@ async fn write_customers(server: &Server, from: usize, to: usize) -> Created {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_batch_neither_skips_nor_repeats_an_event() {
-    let mut server = Server::start_with_env(Backend::Sqlite, &SLOW_FOLDING)
+async fn kill_9_mid_batch_neither_skips_nor_repeats_an_event_on_sqlite() {
+    let server = Server::start_with_env(Backend::Sqlite, &SLOW_FOLDING)
         .await
         .expect("sqlite always starts");
+    kill_9_mid_batch_neither_skips_nor_repeats_an_event(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_batch_neither_skips_nor_repeats_an_event_on_postgres() {
+    let Some(server) = Server::start_with_env(Backend::Postgres, &SLOW_FOLDING).await else {
+        return;
+    };
+    kill_9_mid_batch_neither_skips_nor_repeats_an_event(server).await;
+}
+
+async fn kill_9_mid_batch_neither_skips_nor_repeats_an_event(mut server: Server) {
     // ~300 events: 43 customers of 7 events.
     let mut customers = 43;
     let mut created = write_customers(&server, 0, customers).await;
