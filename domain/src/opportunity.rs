@@ -9,7 +9,7 @@ use crate::pipeline::{self, PipelineDefinition, CLOSED_LOST, CLOSED_WON, DEFAULT
 use crate::values::{
     occurred_at, optional_text, parse_date, required_text, Money, MoneyInput, NAME_MAX, REASON_MAX,
 };
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -60,7 +60,11 @@ pub struct Opportunity {
     pub closed_at: Option<DateTime<Utc>>,
 }
 
-/// Validated opportunity commands.
+/// Validated opportunity commands. Every command on an existing
+/// opportunity is rejected (validation error on `occurred_at`) when its
+/// `occurred_at` lies before the instant the opportunity entered its current
+/// stage (for a closed one: before it was closed); see
+/// [`Opportunity::earliest_occurred_at`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum OpportunityCommand {
     OpenOpportunity {
@@ -187,6 +191,41 @@ impl Opportunity {
                 "opportunity is closed ({}); reopen it first",
                 self.status.as_str()
             )))
+        }
+    }
+
+    /// The earliest instant a command on this (existing) opportunity may
+    /// carry: when it entered its current stage (for a closed opportunity,
+    /// when it was closed). Earlier `occurred_at` values would make
+    /// time-in-stage and sales-cycle durations negative.
+    pub fn earliest_occurred_at(&self) -> Option<DateTime<Utc>> {
+        let entered = if self.is_open() {
+            self.stage_entered_at
+        } else {
+            self.closed_at.or(self.stage_entered_at)
+        };
+        entered.or(self.opened_at)
+    }
+
+    /// `Err(Validation)` on `occurred_at` when it lies before
+    /// [`earliest_occurred_at`](Self::earliest_occurred_at); equal is fine.
+    fn require_not_backdated(&self, occurred_at: DateTime<Utc>) -> Result<(), DomainError> {
+        match self.earliest_occurred_at() {
+            Some(earliest) if occurred_at < earliest => {
+                let what = if self.is_open() {
+                    format!("entered its current stage ({})", self.stage)
+                } else {
+                    format!("was closed ({})", self.status.as_str())
+                };
+                Err(DomainError::field(
+                    "occurred_at",
+                    format!(
+                        "must not be before {}, when the opportunity {what}",
+                        earliest.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+                    ),
+                ))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -350,6 +389,7 @@ impl CrmAggregate for Opportunity {
                         "opportunity is already in stage {stage}"
                     )));
                 }
+                self.require_not_backdated(occurred_at)?;
                 Ok(vec![OpportunityEvent::OpportunityStageAdvanced {
                     from: self.stage.clone(),
                     probability: def.probability(&stage).unwrap_or(0),
@@ -366,6 +406,7 @@ impl CrmAggregate for Opportunity {
                 occurred_at,
             } => {
                 self.require_open()?;
+                self.require_not_backdated(occurred_at)?;
                 let mut c = ChangeSet::new();
                 c.track("name", &self.name, name.as_ref());
                 c.track("amount", &self.amount, amount.map(Some).as_ref());
@@ -388,6 +429,7 @@ impl CrmAggregate for Opportunity {
                 occurred_at,
             } => {
                 self.require_open()?;
+                self.require_not_backdated(occurred_at)?;
                 Ok(vec![OpportunityEvent::OpportunityWon {
                     from: self.stage.clone(),
                     to: CLOSED_WON.to_string(),
@@ -404,6 +446,7 @@ impl CrmAggregate for Opportunity {
                 self.require_open()?;
                 let reason = required_text(&reason, REASON_MAX)
                     .map_err(|m| DomainError::field("reason", m))?;
+                self.require_not_backdated(occurred_at)?;
                 Ok(vec![OpportunityEvent::OpportunityLost {
                     from: self.stage.clone(),
                     to: CLOSED_LOST.to_string(),
@@ -433,6 +476,7 @@ impl CrmAggregate for Opportunity {
                         .filter(|s| def.is_open_stage(s))
                         .unwrap_or_else(|| def.first_stage().to_string()),
                 };
+                self.require_not_backdated(occurred_at)?;
                 Ok(vec![OpportunityEvent::OpportunityReopened {
                     previous_status: self.status,
                     from: self.stage.clone(),

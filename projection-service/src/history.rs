@@ -77,12 +77,8 @@ pub struct TimelineQuery {
     pub limit: Option<i64>,
 }
 
-/// Money per currency: `{"amount": "<decimal>", "currency": "USD"}`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct MoneyTotal {
-    pub amount: String,
-    pub currency: String,
-}
+/// Money per currency, formatted as in every other view.
+pub use crate::money::MoneyView as MoneyTotal;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ContactRef {
@@ -257,13 +253,7 @@ fn add_money(
 }
 
 fn money_totals(totals: BTreeMap<String, Decimal>) -> Vec<MoneyTotal> {
-    totals
-        .into_iter()
-        .map(|(currency, amount)| MoneyTotal {
-            amount: amount.to_string(),
-            currency,
-        })
-        .collect()
+    crate::money::Totals::from(totals).views()
 }
 
 /// The 360 summary of an account; `None` when the account was never registered.

@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod fold;
 pub mod history;
+pub mod money;
 pub mod pipeline;
 pub mod projection;
 pub mod readdb;

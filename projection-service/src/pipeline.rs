@@ -475,43 +475,8 @@ async fn enter_stage(
     Ok(())
 }
 
-// ------------------------------------------------------------------ money
-
-/// Money in views: `{"amount":"<decimal string>","currency":"USD"}`.
-#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
-pub struct MoneyView {
-    pub amount: String,
-    pub currency: String,
-}
-
-/// Sums per currency (sorted by currency code).
-#[derive(Default, Debug, Clone)]
-struct Totals(BTreeMap<String, Decimal>);
-
-impl Totals {
-    fn add(&mut self, currency: &str, amount: Decimal) {
-        *self.0.entry(currency.to_string()).or_default() += amount;
-    }
-
-    fn views(&self) -> Vec<MoneyView> {
-        self.0
-            .iter()
-            .map(|(currency, amount)| MoneyView {
-                amount: format_amount(*amount),
-                currency: currency.clone(),
-            })
-            .collect()
-    }
-}
-
-/// At most 4 decimals (the domain's money scale), at least 2.
-fn format_amount(amount: Decimal) -> String {
-    let mut d = amount.round_dp(4).normalize();
-    if d.scale() < 2 {
-        d.rescale(2);
-    }
-    d.to_string()
-}
+pub use crate::money::MoneyView;
+use crate::money::Totals;
 
 fn parse_amount(s: &str) -> Result<Decimal, sqlx::Error> {
     Decimal::from_str(s).map_err(|e| sqlx::Error::Decode(format!("amount {s:?}: {e}").into()))
@@ -1097,13 +1062,7 @@ fn figures_of(
             *won_per_currency.entry(currency.clone()).or_default() += 1;
         }
     }
-    let avg_won_deal = Totals(
-        won_value
-            .0
-            .iter()
-            .map(|(c, sum)| (c.clone(), *sum / Decimal::from(won_per_currency[c])))
-            .collect(),
-    );
+    let avg_won_deal = won_value.averaged_by(&won_per_currency);
     let mut cycles: Vec<f64> = deals
         .iter()
         .map(|d| days_between(d.opened_at, d.closed_at))

@@ -304,6 +304,12 @@ async fn time_travel_and_the_feed_through_crm_serve() {
         .problem(404);
     server.get("/v1/accounts/%FF").await.problem(400);
     server.get("/v1/streams/%FF/x/events").await.problem(400);
+    let beyond = server.get("/v1/events?after=1000000").await;
+    assert_eq!(
+        beyond.body["head"], head,
+        "the feed reports the real head: {}",
+        beyond.body
+    );
     let feed = server.get("/v1/events?after=0&limit=10").await;
     assert_eq!(feed.status, 200);
     let kinds: Vec<&str> = feed.body["events"]

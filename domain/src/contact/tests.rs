@@ -1,21 +1,24 @@
 use super::*;
-use crate::aggregate::execute;
+use crate::aggregate::{execute, replay};
+use crate::changes::to_json;
 use crate::test_support::{at, t0, uuid};
-use cqrs_es::DomainEvent;
-use serde_json::json;
+use cqrs_es::{Aggregate, DomainEvent};
+use proptest::prelude::*;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
 
-fn created() -> Contact {
+fn created_cmd() -> ContactCommand {
     let input: CreateContactInput = serde_json::from_value(json!({
         "account_id": uuid(5), "name": "Jane Doe", "email": "jane@acme.example",
         "phone": "+84 28 3822 1234"
     }))
     .unwrap();
+    input.into_command(ContactId::new(uuid(1)), t0()).unwrap()
+}
+
+fn created() -> Contact {
     let mut c = Contact::default();
-    execute(
-        &mut c,
-        input.into_command(ContactId::new(uuid(1)), t0()).unwrap(),
-    )
-    .unwrap();
+    execute(&mut c, created_cmd()).unwrap();
     c
 }
 
@@ -170,4 +173,304 @@ fn state_stays_bounded() {
     }
     assert_eq!(c.recent_activities.len(), RECENT_ACTIVITY_WINDOW);
     assert_eq!(c.activity_count, RECENT_ACTIVITY_WINDOW as u64 + 50);
+}
+
+fn log_at(id: u128, kind: ActivityKind, minutes: i64) -> ContactCommand {
+    ContactCommand::LogActivity {
+        activity_id: ActivityId::new(uuid(id)),
+        kind,
+        subject: "s".into(),
+        body: None,
+        occurred_at: at(minutes),
+        duration_minutes: None,
+        outcome: None,
+        opportunity_id: None,
+        case_id: None,
+    }
+}
+
+#[test]
+fn open_task_bound_is_enforced() {
+    let mut c = created();
+    for i in 0..MAX_OPEN_TASKS as u128 {
+        execute(&mut c, log_at(10_000 + i, ActivityKind::Task, 0)).unwrap();
+    }
+    assert_eq!(c.open_tasks.len(), MAX_OPEN_TASKS);
+    let full = c.decide(log_at(1, ActivityKind::Task, 1));
+    assert!(is_illegal(full.clone()), "{full:?}");
+    // other kinds are still fine, and completing one task frees a slot
+    execute(&mut c, log_at(2, ActivityKind::Note, 1)).unwrap();
+    // the oldest task fell out of the recent window but is still completable
+    assert!(!c.recent_activities.contains(&ActivityId::new(uuid(10_000))));
+    execute(&mut c, complete(10_000)).unwrap();
+    assert!(!c.open_tasks.contains(&ActivityId::new(uuid(10_000))));
+    execute(&mut c, log_at(1, ActivityKind::Task, 2)).unwrap();
+    assert_eq!(c.open_tasks.len(), MAX_OPEN_TASKS);
+    // a completed task outside the recent window is unknown
+    assert!(matches!(
+        c.decide(complete(10_000)),
+        Err(DomainError::Validation(e)) if e.fields() == vec!["activity_id"]
+    ));
+}
+
+// ------------------------------------------------------------- properties
+
+const CONTACT_FIELDS: [&str; 6] = [
+    "account_id",
+    "name",
+    "email",
+    "phone",
+    "title",
+    "preferred_channel",
+];
+
+fn field_json(c: &Contact, field: &str) -> Value {
+    match field {
+        "account_id" => to_json(&c.account_id),
+        "name" => to_json(&c.name),
+        "email" => to_json(&c.email),
+        "phone" => to_json(&c.phone),
+        "title" => to_json(&c.title),
+        "preferred_channel" => to_json(&c.preferred_channel),
+        other => panic!("unknown contact field {other}"),
+    }
+}
+
+/// Ids of tasks logged before the generated commands run (see `prefill`).
+const PREFILL_BASE: u128 = 10_000;
+/// Ids the generated commands log and complete.
+const POOL: std::ops::Range<u128> = 100..116;
+/// An id that is never logged.
+const NEVER_LOGGED: u128 = 999;
+
+fn arb_kind() -> impl Strategy<Value = ActivityKind> {
+    prop_oneof![
+        3 => Just(ActivityKind::Task),
+        1 => Just(ActivityKind::Call),
+        1 => Just(ActivityKind::Email),
+        1 => Just(ActivityKind::Meeting),
+        1 => Just(ActivityKind::Note),
+    ]
+}
+
+fn arb_complete_id() -> impl Strategy<Value = u128> {
+    prop_oneof![
+        6 => POOL,
+        1 => PREFILL_BASE..PREFILL_BASE + 3,
+        1 => Just(NEVER_LOGGED),
+    ]
+}
+
+fn arb_command() -> impl Strategy<Value = ContactCommand> {
+    use proptest::option::of;
+    use proptest::sample::select;
+    let t = (0i64..10_000).prop_map(at);
+    let email = select(&["a@x.example", "b@y.example"][..]).prop_map(|e| Email::parse(e).unwrap());
+    let phone =
+        select(&["+1 555 0100", "028 3822 1234"][..]).prop_map(|p| Phone::parse(p).unwrap());
+    let channel = prop_oneof![Just(ContactChannel::Email), Just(ContactChannel::Phone)];
+    let account = (5u128..7).prop_map(|n| AccountId::new(uuid(n)));
+    let name = select(&["Jane", "John"][..]).prop_map(String::from);
+    let title = select(&["CTO", "CEO"][..]).prop_map(String::from);
+    prop_oneof![
+        1 => (of(account.clone()), name.clone(), of(email.clone()), of(phone.clone()), t.clone())
+            .prop_map(|(account_id, name, email, phone, occurred_at)| ContactCommand::CreateContact {
+                id: ContactId::new(uuid(1)),
+                account_id,
+                name,
+                email,
+                phone,
+                title: None,
+                preferred_channel: None,
+                occurred_at,
+            }),
+        3 => (of(account), of(name), of(email), of(phone), of(title), of(channel), t.clone())
+            .prop_map(|(account_id, name, email, phone, title, preferred_channel, occurred_at)| {
+                ContactCommand::UpdateContact { account_id, name, email, phone, title, preferred_channel, occurred_at }
+            }),
+        6 => (POOL, arb_kind(), t.clone()).prop_map(|(id, kind, occurred_at)| ContactCommand::LogActivity {
+            activity_id: ActivityId::new(uuid(id)),
+            kind,
+            subject: "s".into(),
+            body: None,
+            occurred_at,
+            duration_minutes: None,
+            outcome: None,
+            opportunity_id: None,
+            case_id: None,
+        }),
+        5 => (arb_complete_id(), t).prop_map(|(id, occurred_at)| ContactCommand::CompleteTask {
+            activity_id: ActivityId::new(uuid(id)),
+            outcome: None,
+            occurred_at,
+        }),
+    ]
+}
+
+/// What the test knows about logged activities, independent of the state.
+#[derive(Default)]
+struct Model {
+    kinds: BTreeMap<ActivityId, ActivityKind>,
+    completed: BTreeSet<ActivityId>,
+    last_at: Option<DateTime<Utc>>,
+}
+
+impl Model {
+    fn open_tasks(&self) -> BTreeSet<ActivityId> {
+        self.kinds
+            .iter()
+            .filter(|(id, k)| **k == ActivityKind::Task && !self.completed.contains(id))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn observe(&mut self, e: &ContactEvent) {
+        match e {
+            ContactEvent::ActivityLogged {
+                activity_id,
+                kind,
+                occurred_at,
+                ..
+            } => {
+                self.kinds.insert(*activity_id, *kind);
+                self.last_at = self.last_at.max(Some(*occurred_at));
+            }
+            ContactEvent::TaskCompleted { activity_id, .. } => {
+                assert!(self.completed.insert(*activity_id), "completed twice");
+            }
+            _ => {}
+        }
+    }
+}
+
+fn check_step(
+    before: &Contact,
+    model_before: &Model,
+    cmd: &ContactCommand,
+    result: &Result<Vec<ContactEvent>, DomainError>,
+) {
+    match (cmd, result) {
+        (ContactCommand::CompleteTask { activity_id, .. }, _) if before.exists() => {
+            let open = model_before.open_tasks().contains(activity_id);
+            match result {
+                Ok(events) => {
+                    assert!(open, "completed a non-open activity {activity_id}");
+                    assert_eq!(events.len(), 1);
+                }
+                Err(err) => {
+                    assert!(!open, "open task {activity_id} not completable: {err:?}");
+                    let known = model_before.kinds.contains_key(activity_id)
+                        && before.recent_activities.contains(activity_id);
+                    if known {
+                        // a non-task or an already completed task
+                        assert!(is_illegal(Err::<(), _>(err.clone())), "{err:?}");
+                    } else {
+                        assert!(
+                            matches!(err, DomainError::Validation(v) if v.fields() == vec!["activity_id"]),
+                            "{err:?}"
+                        );
+                    }
+                }
+            }
+        }
+        (
+            ContactCommand::LogActivity {
+                activity_id, kind, ..
+            },
+            _,
+        ) if before.exists() => {
+            let duplicate = model_before.kinds.contains_key(activity_id);
+            let full = *kind == ActivityKind::Task && before.open_tasks.len() >= MAX_OPEN_TASKS;
+            assert_eq!(result.is_ok(), !duplicate && !full, "{cmd:?} -> {result:?}");
+        }
+        (ContactCommand::UpdateContact { .. }, Ok(events)) => assert!(events.len() <= 1),
+        _ => {}
+    }
+}
+
+fn check_event(before: &Contact, e: &ContactEvent, after: &Contact) {
+    if let ContactEvent::ContactUpdated { changes, .. } = e {
+        assert!(!changes.is_empty());
+        for f in CONTACT_FIELDS {
+            let hits: Vec<_> = changes.iter().filter(|c| c.field == f).collect();
+            match hits.as_slice() {
+                [] => assert_eq!(field_json(before, f), field_json(after, f), "{f}"),
+                [c] => {
+                    assert_eq!(c.old, field_json(before, f), "old of {f}");
+                    assert_eq!(c.new, field_json(after, f), "new of {f}");
+                    assert_ne!(c.old, c.new, "no-op change of {f}");
+                }
+                _ => panic!("{f} changed twice in {changes:?}"),
+            }
+        }
+    }
+    if let ContactEvent::TaskCompleted { activity_id, .. } = e {
+        assert!(before.open_tasks.contains(activity_id));
+        // a completed task is no longer open
+        assert!(!after.open_tasks.contains(activity_id));
+        assert_eq!(after.open_tasks.len() + 1, before.open_tasks.len());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn contact_invariants_hold_for_any_command_sequence(
+        // start empty, or created with the open-task bound almost reached
+        prefill in prop_oneof![Just(None), Just(Some(MAX_OPEN_TASKS - 3))],
+        cmds in proptest::collection::vec(arb_command(), 1..40)
+    ) {
+        let mut state = Contact::default();
+        let mut log: Vec<ContactEvent> = Vec::new();
+        let mut model = Model::default();
+        if let Some(n) = prefill {
+            let setup = std::iter::once(created_cmd())
+                .chain((0..n as u128).map(|i| log_at(PREFILL_BASE + i, ActivityKind::Task, 0)));
+            for cmd in setup {
+                let events = execute(&mut state, cmd).unwrap();
+                events.iter().for_each(|e| model.observe(e));
+                log.extend(events);
+            }
+        }
+        let mut accepted_events = log.len();
+        for cmd in cmds {
+            let before = state.clone();
+            let result = state.decide(cmd.clone());
+            check_step(&before, &model, &cmd, &result);
+            match result {
+                Ok(events) => {
+                    accepted_events += events.len();
+                    for e in &events {
+                        let json = serde_json::to_string(e).unwrap();
+                        prop_assert_eq!(&serde_json::from_str::<ContactEvent>(&json).unwrap(), e);
+                        let prev = state.clone();
+                        state.apply(e.clone());
+                        model.observe(e);
+                        check_event(&prev, e, &state);
+                    }
+                    log.extend(events);
+                }
+                Err(_) => prop_assert_eq!(&state, &before),
+            }
+            if !state.exists() {
+                prop_assert_eq!(&state, &Contact::default());
+                continue;
+            }
+            prop_assert!(state.open_tasks.len() <= MAX_OPEN_TASKS);
+            prop_assert_eq!(&state.open_tasks, &model.open_tasks());
+            prop_assert!(state.recent_activities.len() <= RECENT_ACTIVITY_WINDOW);
+            prop_assert_eq!(state.activity_count, model.kinds.len() as u64);
+            prop_assert_eq!(state.last_activity_at, model.last_at);
+            // completed or non-task activities cannot be completed (again)
+            for (id, kind) in &model.kinds {
+                if *kind != ActivityKind::Task || model.completed.contains(id) {
+                    let again = ContactCommand::CompleteTask { activity_id: *id, outcome: None, occurred_at: at(0) };
+                    prop_assert!(state.decide(again).is_err());
+                }
+            }
+        }
+        prop_assert_eq!(log.len(), accepted_events);
+        prop_assert_eq!(replay::<Contact>(log), state);
+    }
 }

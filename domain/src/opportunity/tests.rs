@@ -481,6 +481,138 @@ fn cqrs_test_framework_drives_the_aggregate() {
         .then_expect_error_message("opportunity is closed (won); reopen it first");
 }
 
+// ------------------------------------------------------ backdated commands
+
+fn with_time(mut cmd: OpportunityCommand, t: DateTime<Utc>) -> OpportunityCommand {
+    *occurred_at_mut(&mut cmd) = t;
+    cmd
+}
+
+fn update_owner(owner: &str, t: DateTime<Utc>) -> OpportunityCommand {
+    OpportunityCommand::UpdateOpportunity {
+        name: None,
+        amount: None,
+        expected_close: None,
+        owner: Some(owner.into()),
+        occurred_at: t,
+    }
+}
+
+/// The single `occurred_at` error message of a rejected command.
+fn backdated_message(r: Result<Vec<OpportunityEvent>, DomainError>) -> String {
+    match r {
+        Err(DomainError::Validation(e)) => {
+            assert_eq!(e.fields(), vec!["occurred_at"]);
+            e.0[0].message.clone()
+        }
+        other => panic!("expected an occurred_at validation error, got {other:?}"),
+    }
+}
+
+#[test]
+fn commands_before_the_opening_are_rejected() {
+    let o = opened(); // opened (and entered prospecting) at t0
+    assert_eq!(o.earliest_occurred_at(), Some(t0()));
+    for cmd in [
+        advance("proposal"),
+        win(),
+        lose(),
+        update_owner("bob", t0()),
+    ] {
+        let msg = backdated_message(o.decide(with_time(cmd, at(-1))));
+        assert_eq!(
+            msg,
+            "must not be before 2026-11-20T09:00:00Z, when the opportunity entered its \
+             current stage (prospecting)"
+        );
+    }
+}
+
+#[test]
+fn commands_before_entering_the_current_stage_are_rejected() {
+    let mut o = opened();
+    execute(&mut o, with_time(advance("proposal"), at(10))).unwrap();
+    assert_eq!(o.stage_entered_at, Some(at(10)));
+    for cmd in [
+        advance("negotiation"),
+        advance("prospecting"),
+        win(),
+        lose(),
+        update_owner("bob", at(0)),
+    ] {
+        let msg = backdated_message(o.decide(with_time(cmd, at(9))));
+        assert!(msg.contains("2026-11-20T09:10:00Z"), "{msg}");
+        assert!(msg.contains("(proposal)"), "{msg}");
+    }
+    // the instant itself is allowed, and so is anything later
+    execute(&mut o, update_owner("bob", at(10))).unwrap();
+    execute(&mut o, with_time(advance("negotiation"), at(10))).unwrap();
+    assert_eq!(o.stage_entered_at, Some(at(10)));
+    execute(&mut o, with_time(win(), at(11))).unwrap();
+    assert_eq!(o.closed_at, Some(at(11)));
+}
+
+#[test]
+fn updates_after_stage_entry_may_arrive_out_of_order() {
+    // only the stage entry bounds occurred_at, not earlier updates
+    let mut o = opened();
+    execute(&mut o, update_owner("bob", at(30))).unwrap();
+    execute(&mut o, update_owner("carol", at(20))).unwrap();
+    assert_eq!(o.owner, "carol");
+    assert_eq!(o.earliest_occurred_at(), Some(t0()));
+}
+
+#[test]
+fn reopen_before_the_close_is_rejected() {
+    for close in [win(), lose()] {
+        let mut o = opened();
+        execute(&mut o, with_time(advance("proposal"), at(5))).unwrap();
+        execute(&mut o, with_time(close, at(20))).unwrap();
+        assert_eq!(o.earliest_occurred_at(), Some(at(20)));
+        // even a time inside the stage the opportunity was closed from
+        let msg = backdated_message(o.decide(with_time(reopen(None), at(19))));
+        assert_eq!(
+            msg,
+            format!(
+                "must not be before 2026-11-20T09:20:00Z, when the opportunity was closed ({})",
+                o.status.as_str()
+            )
+        );
+        execute(&mut o, with_time(reopen(None), at(20))).unwrap();
+        assert_eq!(o.stage_entered_at, Some(at(20)));
+        assert!(o.is_open());
+        // after reopening, the reopen instant bounds the next command
+        backdated_message(o.decide(with_time(win(), at(19))));
+    }
+}
+
+#[test]
+fn state_rules_win_over_the_backdating_rule() {
+    let mut o = opened();
+    execute(&mut o, with_time(win(), at(20))).unwrap();
+    // a closed opportunity is closed, whatever the time
+    assert!(illegal(o.decide(with_time(advance("proposal"), at(1)))).contains("closed (won)"));
+    assert!(illegal(o.decide(update_owner("bob", at(1)))).contains("closed (won)"));
+    let open = opened();
+    assert!(illegal(open.decide(with_time(reopen(None), at(-5)))).contains("is open"));
+    assert!(illegal(open.decide(with_time(advance("prospecting"), at(-5)))).contains("already"));
+}
+
+#[test]
+fn backdated_input_passes_input_validation_but_not_decide() {
+    // the input layer only knows "now"; the aggregate knows the stage entry
+    let mut o = opened();
+    execute(&mut o, with_time(advance("qualification"), at(60))).unwrap();
+    let input: WinOpportunityInput = serde_json::from_value(json!({
+        "close_value": {"amount": "10.00", "currency": "USD"},
+        "occurred_at": "2026-11-20T09:30:00Z"
+    }))
+    .unwrap();
+    let cmd = input.into_command(at(90)).unwrap();
+    let msg = backdated_message(o.decide(cmd));
+    assert!(msg.contains("2026-11-20T10:00:00Z"), "{msg}");
+}
+
 // ------------------------------------------------------------- properties
 
 fn arb_stage() -> impl Strategy<Value = String> {
@@ -504,39 +636,70 @@ fn arb_money() -> impl Strategy<Value = Money> {
         .prop_map(|(cents, c)| money(&format!("{}.{:02}", cents / 100, cents % 100), c))
 }
 
-fn arb_command() -> impl Strategy<Value = OpportunityCommand> {
-    let t = (0i64..10_000).prop_map(at);
-    prop_oneof![
-        1 => (arb_stage(), arb_money(), t.clone()).prop_map(|(stage, amount, occurred_at)| {
-            OpportunityCommand::OpenOpportunity {
-                id: OpportunityId::new(uuid(1)),
-                account_id: AccountId::new(uuid(2)),
-                name: "deal".into(),
-                amount,
-                expected_close: NaiveDate::from_ymd_opt(2027, 1, 1).unwrap(),
-                owner: "alice".into(),
-                pipeline: "default".into(),
-                stage,
-                occurred_at,
-            }
+/// A command plus the offset (minutes) of its `occurred_at` from the
+/// earliest instant the state accepts (`earliest_occurred_at`, or `t0` for
+/// a fresh opportunity): negative offsets are backdated commands.
+fn arb_step() -> impl Strategy<Value = (OpportunityCommand, i64)> {
+    let t = at(0); // placeholder, replaced from the offset in the test
+    let offset = prop_oneof![
+        3 => 1i64..240,
+        1 => Just(0i64),
+        2 => -240i64..0,
+    ];
+    let cmd = prop_oneof![
+        1 => (arb_stage(), arb_money()).prop_map(move |(stage, amount)| OpportunityCommand::OpenOpportunity {
+            id: OpportunityId::new(uuid(1)),
+            account_id: AccountId::new(uuid(2)),
+            name: "deal".into(),
+            amount,
+            expected_close: NaiveDate::from_ymd_opt(2027, 1, 1).unwrap(),
+            owner: "alice".into(),
+            pipeline: "default".into(),
+            stage,
+            occurred_at: t,
         }),
-        4 => (arb_stage(), t.clone()).prop_map(|(stage, occurred_at)| {
-            OpportunityCommand::AdvanceStage { stage, reason: None, occurred_at }
+        4 => arb_stage().prop_map(move |stage| {
+            OpportunityCommand::AdvanceStage { stage, reason: None, occurred_at: t }
         }),
-        2 => (proptest::option::of(arb_money()), proptest::option::of(prop_oneof![Just("alice"), Just("bob")]), t.clone())
-            .prop_map(|(amount, owner, occurred_at)| OpportunityCommand::UpdateOpportunity {
-                name: None, amount, expected_close: None, owner: owner.map(String::from), occurred_at,
+        2 => (proptest::option::of(arb_money()), proptest::option::of(prop_oneof![Just("alice"), Just("bob")]))
+            .prop_map(move |(amount, owner)| OpportunityCommand::UpdateOpportunity {
+                name: None, amount, expected_close: None, owner: owner.map(String::from), occurred_at: t,
             }),
-        2 => (arb_money(), t.clone()).prop_map(|(close_value, occurred_at)| {
-            OpportunityCommand::WinOpportunity { close_value, occurred_at }
+        2 => arb_money().prop_map(move |close_value| {
+            OpportunityCommand::WinOpportunity { close_value, occurred_at: t }
         }),
-        2 => (prop_oneof![Just(""), Just("price")], t.clone()).prop_map(|(reason, occurred_at)| {
-            OpportunityCommand::LoseOpportunity { reason: reason.into(), competitor: None, occurred_at }
+        2 => prop_oneof![Just(""), Just("price")].prop_map(move |reason| {
+            OpportunityCommand::LoseOpportunity { reason: reason.into(), competitor: None, occurred_at: t }
         }),
-        2 => (proptest::option::of(arb_stage()), t).prop_map(|(stage, occurred_at)| {
-            OpportunityCommand::ReopenOpportunity { reason: None, stage, occurred_at }
+        2 => proptest::option::of(arb_stage()).prop_map(move |stage| {
+            OpportunityCommand::ReopenOpportunity { reason: None, stage, occurred_at: t }
         }),
-    ]
+    ];
+    (cmd, offset)
+}
+
+fn occurred_at_mut(cmd: &mut OpportunityCommand) -> &mut DateTime<Utc> {
+    use OpportunityCommand::*;
+    match cmd {
+        OpenOpportunity { occurred_at, .. }
+        | AdvanceStage { occurred_at, .. }
+        | UpdateOpportunity { occurred_at, .. }
+        | WinOpportunity { occurred_at, .. }
+        | LoseOpportunity { occurred_at, .. }
+        | ReopenOpportunity { occurred_at, .. } => occurred_at,
+    }
+}
+
+fn event_time(e: &OpportunityEvent) -> DateTime<Utc> {
+    use OpportunityEvent::*;
+    match e {
+        OpportunityOpened { occurred_at, .. }
+        | OpportunityStageAdvanced { occurred_at, .. }
+        | OpportunityUpdated { occurred_at, .. }
+        | OpportunityWon { occurred_at, .. }
+        | OpportunityLost { occurred_at, .. }
+        | OpportunityReopened { occurred_at, .. } => *occurred_at,
+    }
 }
 
 fn check_invariants(o: &Opportunity) {
@@ -546,6 +709,10 @@ fn check_invariants(o: &Opportunity) {
     }
     let def = pipeline::find(&o.pipeline).unwrap();
     assert_eq!(def.probability(&o.stage), Some(o.probability), "{o:?}");
+    // durations are never negative
+    let opened_at = o.opened_at.expect("opened_at");
+    let entered = o.stage_entered_at.expect("stage_entered_at");
+    assert!(entered >= opened_at, "time in stage before open: {o:?}");
     match o.status {
         OpportunityStatus::Open => {
             assert!(def.is_open_stage(&o.stage));
@@ -564,6 +731,12 @@ fn check_invariants(o: &Opportunity) {
             assert!(def.is_open_stage(o.stage_before_close.as_deref().unwrap()));
         }
     }
+    if !o.is_open() {
+        let closed_at = o.closed_at.expect("closed_at");
+        assert_eq!(closed_at, entered, "a close enters the closed stage");
+        assert!(closed_at >= opened_at, "negative sales cycle: {o:?}");
+    }
+    assert_eq!(o.earliest_occurred_at(), Some(entered));
 }
 
 proptest! {
@@ -571,31 +744,64 @@ proptest! {
 
     #[test]
     fn opportunity_invariants_hold_for_any_command_sequence(
-        cmds in proptest::collection::vec(arb_command(), 1..40)
+        steps in proptest::collection::vec(arb_step(), 1..40)
     ) {
         let mut state = Opportunity::default();
         let mut log = Vec::new();
         let mut accepted_events = 0usize;
-        for cmd in cmds {
+        for (mut cmd, offset) in steps {
             let before = state.clone();
+            let earliest = state.earliest_occurred_at();
+            let occurred_at = earliest.unwrap_or_else(t0) + chrono::Duration::minutes(offset);
+            *occurred_at_mut(&mut cmd) = occurred_at;
+            let backdated = before.exists()
+                && !matches!(cmd, OpportunityCommand::OpenOpportunity { .. })
+                && offset < 0;
             match state.decide(cmd.clone()) {
                 Ok(events) => {
+                    prop_assert!(!backdated, "backdated command accepted: {:?} on {:?}", cmd, before);
+                    if let Some(earliest) = earliest {
+                        prop_assert!(events.iter().all(|e| event_time(e) >= earliest));
+                    }
                     accepted_events += events.len();
                     for e in &events {
                         // every event survives a JSON round trip
                         let json = serde_json::to_string(e).unwrap();
                         prop_assert_eq!(&serde_json::from_str::<OpportunityEvent>(&json).unwrap(), e);
+                        if matches!(e, OpportunityEvent::OpportunityWon { .. } | OpportunityEvent::OpportunityLost { .. }) {
+                            // closed no earlier than the closed-from stage was entered
+                            prop_assert!(Some(event_time(e)) >= state.stage_entered_at);
+                        }
                         state.apply(e.clone());
                     }
                     log.extend(events);
                 }
-                Err(_) => prop_assert_eq!(&state, &before),
+                Err(err) => {
+                    prop_assert_eq!(&state, &before);
+                    if let DomainError::Validation(v) = &err {
+                        if v.has("occurred_at") {
+                            prop_assert!(backdated, "{:?} for {:?}", err, cmd);
+                            let earliest = earliest.unwrap().to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+                            prop_assert!(v.0[0].message.contains(&earliest), "{:?}", v);
+                        }
+                    }
+                }
             }
             // a closed opportunity rejects moves
             if state.exists() && !state.is_open() {
                 prop_assert!(state.decide(advance("proposal")).is_err());
             }
             check_invariants(&state);
+        }
+        // stage transitions never go back in time, and nothing is recorded
+        // before the transition preceding it
+        let mut last_transition: Option<DateTime<Utc>> = None;
+        for e in &log {
+            let t = event_time(e);
+            prop_assert!(last_transition.is_none_or(|l| t >= l), "{:?} before {:?}", e, last_transition);
+            if !matches!(e, OpportunityEvent::OpportunityUpdated { .. }) {
+                last_transition = Some(t);
+            }
         }
         prop_assert_eq!(log.len(), accepted_events);
         let replayed: Opportunity = replay(log);

@@ -83,13 +83,13 @@ pub async fn events(
         .filter(|event| visible_to(event, &actor.tenant))
         .map(cloud_event)
         .collect();
-    // Read after the page so that `head >= next_after`.
+    // Read after the page, so `head` covers everything on it; an `after`
+    // beyond the head is answered with the real head, never echoed back.
     let head = app
         .log
         .head_position()
         .await
-        .map_err(|error| Problem::internal(&error))?
-        .max(next_after);
+        .map_err(|error| Problem::internal(&error))?;
     Ok(Json(FeedPage {
         events,
         next_after,
