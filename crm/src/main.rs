@@ -1,9 +1,11 @@
 //! `crm`: the one binary a user installs. `crm serve` runs the service on the
 //! embedded store; `crm token issue` prints a bearer token.
 
+mod health;
 mod rebuild;
 mod secret;
 mod serve;
+mod services;
 mod stores;
 mod telemetry;
 
@@ -33,6 +35,14 @@ enum Command {
     Token(TokenCommand),
     /// Replay the log into a fresh generation of a projection, then switch to it.
     Rebuild(rebuild::RebuildArgs),
+    /// Apply the event-log and read-model migrations, then exit.
+    Migrate(services::StoreArgs),
+    /// Distributed mode: the command API alone.
+    CommandService(services::ServiceArgs),
+    /// Distributed mode: the projection workers alone.
+    ProjectionService(services::ServiceArgs),
+    /// Distributed mode: the query API alone.
+    QueryService(services::ServiceArgs),
 }
 
 #[derive(Subcommand)]
@@ -74,14 +84,12 @@ struct IssueArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => {
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(serve::serve(args))
-        }
-        Command::Rebuild(args) => {
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(rebuild::rebuild(args))
-        }
+        Command::Serve(args) => block_on(serve::serve(args)),
+        Command::Rebuild(args) => block_on(rebuild::rebuild(args)),
+        Command::Migrate(args) => block_on(services::migrate(args)),
+        Command::CommandService(args) => block_on(services::command_service(args)),
+        Command::ProjectionService(args) => block_on(services::projection_service(args)),
+        Command::QueryService(args) => block_on(services::query_service(args)),
         Command::Token(TokenCommand::Issue(args)) => {
             let (secret, _) =
                 secret::load_or_create(args.data.token_secret.as_deref(), &args.data.data_dir)?;
@@ -92,4 +100,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Runtime::new()
+        .context("starting the async runtime")?
+        .block_on(work)
 }

@@ -106,7 +106,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// `/openapi.json`: the command API and the query API in one document.
-fn openapi_route() -> axum::Router {
+pub(crate) fn openapi_route() -> axum::Router {
     use utoipa::OpenApi;
     let mut document = crm_command_service::openapi::ApiDoc::openapi();
     document.merge(crm_query_service::LogApiDoc::openapi());
@@ -117,7 +117,7 @@ fn openapi_route() -> axum::Router {
 }
 
 /// Runner pacing; `CRM_PROJECTION_PAUSE_MS` slows folding down (crash tests only).
-fn runner_settings() -> RunnerSettings {
+pub(crate) fn runner_settings() -> RunnerSettings {
     let mut settings = RunnerSettings::default();
     if let Some(batch) = std::env::var("CRM_PROJECTION_BATCH")
         .ok()
@@ -134,7 +134,7 @@ fn runner_settings() -> RunnerSettings {
     settings
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(error) = tokio::signal::ctrl_c().await {
             tracing::error!(%error, "cannot listen for Ctrl-C");
@@ -162,7 +162,7 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing in-flight requests");
 }
 
-fn init_tracing(json: bool) {
+pub(crate) fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CRM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=warn"));
     let builder = tracing_subscriber::fmt()

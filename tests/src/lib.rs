@@ -431,3 +431,61 @@ impl Server {
             .unwrap_or_else(|| panic!("no projections array in {reply:?}"))
     }
 }
+
+/// One `crm` service process of the distributed mode (`command-service`,
+/// `projection-service`, `query-service`), started with the given environment.
+pub struct Service {
+    child: Child,
+    pub base_url: String,
+}
+
+impl Service {
+    /// Runs `crm <subcommand>` on 127.0.0.1:0 and waits for its "listening on" line.
+    pub async fn spawn(subcommand: &str, env: &[(&str, &str)]) -> anyhow::Result<Service> {
+        let mut command = Command::new(crm_binary());
+        command
+            .arg(subcommand)
+            .env("CRM_HTTP_ADDR", "127.0.0.1:0")
+            .env("CRM_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("spawning crm {subcommand}"))?;
+        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let base_url = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some((_, address)) = line.split_once(" listening on ") {
+                    return Ok(address.trim().to_string());
+                }
+            }
+            bail!("crm {subcommand} exited before listening")
+        })
+        .await
+        .with_context(|| format!("crm {subcommand} did not start within 60 s"))??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Service { child, base_url })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// SIGTERM, then the exit status (bounded).
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the service stops within 30 s of SIGTERM")
+            .expect("exit status")
+    }
+}

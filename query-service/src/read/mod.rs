@@ -37,7 +37,7 @@ pub fn read_model_routes() -> Router<QueryState> {
         .route("/v1/contacts/{contact_id}/history", get(contact_history))
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/export", get(audit_export))
-        .route("/v1/projections", get(projections));
+        .merge(projection_status_routes());
     for kind in [
         RecordKind::Lead,
         RecordKind::Account,
@@ -57,6 +57,11 @@ pub fn read_model_routes() -> Router<QueryState> {
             );
     }
     router
+}
+
+/// `GET /v1/projections` alone (the projection service serves it too).
+pub fn projection_status_routes() -> Router<QueryState> {
+    Router::new().route("/v1/projections", get(projections))
 }
 
 /// Query-string parameters plus the `min_position` every read route accepts.

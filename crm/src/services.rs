@@ -1,0 +1,197 @@
+//! The services one by one, for the distributed mode: `crm command-service`,
+//! `crm projection-service`, `crm query-service`, and `crm migrate`, each
+//! configured by flags or environment and sharing PostgreSQL.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use clap::Args;
+use crm_command_service::{App, Executor, Tokens};
+use crm_eventlog::EventLog;
+use crm_projection_service::runner::Runner;
+use crm_projection_service::{all_projections, ReadDb};
+use crm_query_service::{LiveSettings, QueryState};
+
+use crate::health::{self, Dependencies};
+use crate::serve::{init_tracing, openapi_route, runner_settings, shutdown_signal};
+
+/// Where a distributed service finds its stores.
+#[derive(Args, Clone)]
+pub struct StoreArgs {
+    /// The event log (PostgreSQL in production).
+    #[arg(long, env = "CRM_DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// The read models; defaults to the event log's database.
+    #[arg(long, env = "CRM_READ_DATABASE_URL", hide_env_values = true)]
+    read_database_url: Option<String>,
+}
+
+impl StoreArgs {
+    async fn log(&self) -> anyhow::Result<EventLog> {
+        EventLog::connect(&self.database_url)
+            .await
+            .context("connecting to the event log")
+    }
+
+    async fn read(&self) -> anyhow::Result<ReadDb> {
+        let url = self
+            .read_database_url
+            .as_deref()
+            .unwrap_or(&self.database_url);
+        ReadDb::connect(url)
+            .await
+            .context("connecting to the read-model database")
+    }
+}
+
+/// What every long-running service takes.
+#[derive(Args, Clone)]
+pub struct ServiceArgs {
+    #[command(flatten)]
+    stores: StoreArgs,
+    /// Address of the HTTP API (health, metrics and the service's routes).
+    #[arg(long, env = "CRM_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    http_addr: SocketAddr,
+    /// Token signing secret (>= 32 bytes), the same for every service.
+    #[arg(
+        long = "token-secret",
+        env = "CRM_TOKEN_SECRET",
+        hide_env_values = true
+    )]
+    token_secret: String,
+    /// Log as JSON lines.
+    #[arg(long, env = "CRM_LOG_JSON", default_value_t = false)]
+    log_json: bool,
+}
+
+impl ServiceArgs {
+    fn tokens(&self) -> anyhow::Result<Arc<Tokens>> {
+        Ok(Arc::new(Tokens::new(self.token_secret.as_bytes())?))
+    }
+}
+
+/// `crm migrate`: brings the event log and the read models to the current
+/// schema (and installs every projection), then exits.
+pub async fn migrate(stores: StoreArgs) -> anyhow::Result<()> {
+    init_tracing(false);
+    let log = stores.log().await?;
+    let read = stores.read().await?;
+    Runner::new(log.clone(), read, all_projections(), runner_settings())
+        .install()
+        .await
+        .context("installing the projections")?;
+    log.close().await;
+    println!("migrations applied");
+    Ok(())
+}
+
+/// `crm command-service`: the command API (HTTP) over the shared log.
+pub async fn command_service(args: ServiceArgs) -> anyhow::Result<()> {
+    init_tracing(args.log_json);
+    let tokens = args.tokens()?;
+    let log = args.stores.log().await?;
+    let app = App {
+        executor: Arc::new(Executor::new(log.clone())),
+        tokens: tokens.clone(),
+    };
+    let routes = crm_command_service::routes(app)
+        .merge(crate::telemetry::metrics_routes(tokens)?)
+        .merge(openapi_route());
+    run_http("command-service", args.http_addr, routes).await?;
+    log.close().await;
+    Ok(())
+}
+
+/// `crm query-service`: read models, time travel and feeds over HTTP.
+pub async fn query_service(args: ServiceArgs) -> anyhow::Result<()> {
+    init_tracing(args.log_json);
+    let tokens = args.tokens()?;
+    let log = args.stores.log().await?;
+    let read = args.stores.read().await?;
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let live = LiveSettings {
+        shutdown: Some(stopping),
+        ..LiveSettings::default()
+    };
+    let queries = QueryState::new(log.clone(), tokens.clone())
+        .with_live(live)
+        .with_read_models(read.clone());
+    let routes = crm_query_service::routes(queries)
+        .merge(health::routes(Dependencies {
+            log: log.clone(),
+            read: Some(read),
+        }))
+        .merge(crate::telemetry::metrics_routes(tokens)?);
+    run_http_until("query-service", args.http_addr, routes, stop).await?;
+    log.close().await;
+    Ok(())
+}
+
+/// `crm projection-service`: the projection workers, plus health, metrics and
+/// `/v1/projections` over HTTP.
+pub async fn projection_service(args: ServiceArgs) -> anyhow::Result<()> {
+    init_tracing(args.log_json);
+    let tokens = args.tokens()?;
+    let log = args.stores.log().await?;
+    let read = args.stores.read().await?;
+    let runner = Runner::new(
+        log.clone(),
+        read.clone(),
+        all_projections(),
+        runner_settings(),
+    );
+    runner
+        .install()
+        .await
+        .context("installing the projections")?;
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let workers = tokio::spawn(runner.run(stopping));
+    let status = QueryState::new(log.clone(), tokens.clone()).with_read_models(read.clone());
+    let routes = crm_query_service::read::projection_status_routes()
+        .with_state(status)
+        .merge(health::routes(Dependencies {
+            log: log.clone(),
+            read: Some(read),
+        }))
+        .merge(crate::telemetry::metrics_routes(tokens)?);
+    run_http_until("projection-service", args.http_addr, routes, stop).await?;
+    if let Err(error) = workers.await {
+        tracing::error!(%error, "projection workers ended abnormally");
+    }
+    log.close().await;
+    Ok(())
+}
+
+async fn run_http(name: &str, address: SocketAddr, routes: Router) -> anyhow::Result<()> {
+    let (stop, _) = tokio::sync::watch::channel(false);
+    run_http_until(name, address, routes, stop).await
+}
+
+/// Serves until SIGTERM/Ctrl-C, then flips `stop` (live feeds, workers) and
+/// finishes in-flight requests.
+async fn run_http_until(
+    name: &str,
+    address: SocketAddr,
+    routes: Router,
+    stop: tokio::sync::watch::Sender<bool>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding {address}"))?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, service = name, "serving");
+    println!("crm {name} listening on http://{address}");
+    let mut stopping = stop.subscribe();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    axum::serve(listener, crm_service_kit::http::stack(routes))
+        .with_graceful_shutdown(async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        })
+        .await
+        .context("serving HTTP")
+}

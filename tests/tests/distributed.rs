@@ -1,0 +1,139 @@
+//! The distributed mode on a real PostgreSQL: `crm migrate`, then command,
+//! projection and query services as separate processes sharing the database.
+//! The projection service learns of other processes' commits through the
+//! log's PostgreSQL notifications.
+
+use crm_eventlog::testing::PgTestDb;
+use crm_tests::{crm_binary, Service};
+use serde_json::{json, Value};
+
+const SECRET: &str = "distributed-test-secret-0123456789abcdef";
+
+async fn json_of(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_services_share_one_postgres() {
+    let Some(db) = PgTestDb::create().await else {
+        return;
+    };
+    let env = [
+        ("CRM_DATABASE_URL", db.url.as_str()),
+        ("CRM_TOKEN_SECRET", SECRET),
+    ];
+    let migrate = tokio::process::Command::new(crm_binary())
+        .arg("migrate")
+        .env("CRM_DATABASE_URL", &db.url)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        migrate.status.success(),
+        "crm migrate: {}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+
+    let commands = Service::spawn("command-service", &env).await.unwrap();
+    let projections = Service::spawn("projection-service", &env).await.unwrap();
+    let queries = Service::spawn("query-service", &env).await.unwrap();
+    let token = tokio::process::Command::new(crm_binary())
+        .args(["token", "issue", "--actor", "dana", "--role", "admin"])
+        .env("CRM_TOKEN_SECRET", SECRET)
+        .output()
+        .await
+        .unwrap();
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let http = reqwest::Client::new();
+
+    for service in [&commands, &projections, &queries] {
+        let ready = http.get(service.url("/readyz")).send().await.unwrap();
+        assert_eq!(ready.status(), 200, "{} is ready", service.base_url);
+    }
+
+    let (status, account) = json_of(
+        http.post(commands.url("/v1/accounts"))
+            .bearer_auth(&token)
+            .json(&json!({"name": "Acme Corp"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 201, "{account}");
+    let (status, opened) = json_of(
+        http.post(commands.url("/v1/opportunities"))
+            .bearer_auth(&token)
+            .json(&json!({"account_id": account["id"], "name": "Deal", "amount": {"amount": "100.00", "currency": "USD"}, "expected_close": "2027-01-31"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 201, "{opened}");
+    let id = opened["id"].as_str().unwrap();
+    let (status, moved) = json_of(
+        http.post(commands.url(&format!("/v1/opportunities/{id}/advance")))
+            .bearer_auth(&token)
+            .json(&json!({"stage": "proposal"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{moved}");
+    let position = moved["position"].as_i64().unwrap();
+
+    // Written by one process, folded by a second, read from a third.
+    let (status, record) = json_of(
+        http.get(queries.url(&format!("/v1/opportunities/{id}?min_position={position}")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["stage"], "proposal");
+    let (status, board) = json_of(
+        http.get(queries.url(&format!("/v1/pipeline?min_position={position}")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{board}");
+
+    let (status, statuses) = json_of(
+        http.get(projections.url("/v1/projections"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{statuses}");
+    for projection in statuses["projections"].as_array().unwrap() {
+        assert_eq!(projection["lag"], 0, "{projection}");
+    }
+    let metrics = http
+        .get(projections.url("/metrics"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("crm_projection_position"), "{metrics}");
+    let anonymous = http.get(queries.url("/v1/pipeline")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+
+    for service in [commands, projections, queries] {
+        let status = service.stop().await;
+        assert!(status.success(), "clean exit on SIGTERM: {status}");
+    }
+    db.drop_db().await;
+}
