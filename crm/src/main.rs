@@ -23,11 +23,11 @@ use crm_command_service::{Role, Tokens};
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Verb,
 }
 
 #[derive(Subcommand)]
-enum Command {
+enum Verb {
     /// Run the service in one process on the embedded SQLite store.
     Serve(serve::ServeArgs),
     /// Bearer tokens.
@@ -84,13 +84,13 @@ struct IssueArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => block_on(serve::serve(args)),
-        Command::Rebuild(args) => block_on(rebuild::rebuild(args)),
-        Command::Migrate(args) => block_on(services::migrate(args)),
-        Command::CommandService(args) => block_on(services::command_service(args)),
-        Command::ProjectionService(args) => block_on(services::projection_service(args)),
-        Command::QueryService(args) => block_on(services::query_service(args)),
-        Command::Token(TokenCommand::Issue(args)) => {
+        Verb::Serve(args) => block_on(serve::serve(args)),
+        Verb::Rebuild(args) => block_on(rebuild::rebuild(args)),
+        Verb::Migrate(args) => block_on(services::migrate(args)),
+        Verb::CommandService(args) => block_on(services::command_service(args)),
+        Verb::ProjectionService(args) => block_on(services::projection_service(args)),
+        Verb::QueryService(args) => block_on(services::query_service(args)),
+        Verb::Token(TokenCommand::Issue(args)) => {
             let (secret, _) =
                 secret::load_or_create(args.data.token_secret.as_deref(), &args.data.data_dir)?;
             let tokens = Tokens::new(&secret)?;
