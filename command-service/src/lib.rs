@@ -13,6 +13,7 @@ pub use crm_service_kit::{auth, problem};
 pub mod body;
 pub mod cache;
 pub mod executor;
+pub mod grpc;
 pub mod locks;
 pub mod openapi;
 pub mod routes;

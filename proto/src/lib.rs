@@ -1,5 +1,7 @@
-//! Protobuf and gRPC types of the CRM: the bus envelope and the command API,
-//! generated at build time from `proto/`.
+//! Protobuf and gRPC types of the CRM: the bus envelope, the command API
+//! (`CommandService`) and the main queries (`QueryService`), generated at build
+//! time from `proto/`, with servers and clients (`command_service_client`,
+//! `query_service_client`).
 
 /// Version 1 of the CRM protocol.
 pub mod v1 {
