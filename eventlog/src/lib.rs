@@ -17,6 +17,7 @@
 mod cqrs;
 mod error;
 mod postgres;
+pub mod relay;
 mod rows;
 mod sqlite;
 #[cfg(feature = "testing")]

@@ -37,7 +37,7 @@ pub const HEAD_CHANNEL: &str = "crm_eventlog_head";
 const INSERT_CHUNK: usize = 1000;
 
 pub(crate) struct PgStore {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
     listener: Mutex<Option<JoinHandle<()>>>,
     /// Test hook: max random delay (µs) between writing a batch and committing it.
     pre_commit_delay_us: AtomicU64,

@@ -69,7 +69,7 @@ enum WriteOp {
 }
 
 pub(crate) struct SqliteStore {
-    read: SqlitePool,
+    pub(crate) read: SqlitePool,
     writer: Mutex<Option<mpsc::Sender<WriteOp>>>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
