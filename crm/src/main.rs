@@ -38,7 +38,7 @@ enum Verb {
     /// Apply the event-log and read-model migrations, then exit.
     Migrate(services::StoreArgs),
     /// Distributed mode: the command API alone.
-    CommandService(services::ServiceArgs),
+    CommandService(services::CommandArgs),
     /// Distributed mode: the projection workers alone.
     ProjectionService(services::ServiceArgs),
     /// Distributed mode: the query API alone.

@@ -9,6 +9,7 @@ use anyhow::Context;
 use axum::Router;
 use clap::Args;
 use crm_command_service::{App, Executor, Tokens};
+use crm_eventlog::relay::{Relay, RelaySettings};
 use crm_eventlog::EventLog;
 use crm_projection_service::runner::Runner;
 use crm_projection_service::{all_projections, ReadDb};
@@ -72,6 +73,25 @@ impl ServiceArgs {
     }
 }
 
+/// The command service's own options: gRPC and the relay to NATS.
+#[derive(Args, Clone)]
+pub struct CommandArgs {
+    #[command(flatten)]
+    service: ServiceArgs,
+    /// Address of the gRPC API (commands, record and stream reads); off when unset.
+    #[arg(long, env = "CRM_GRPC_ADDR")]
+    grpc_addr: Option<SocketAddr>,
+    /// NATS with JetStream: committed events are relayed there; no relay when unset.
+    #[arg(long, env = "CRM_NATS_URL")]
+    nats_url: Option<String>,
+    /// JetStream stream the relay publishes to.
+    #[arg(long, env = "CRM_NATS_STREAM", default_value = "CRM_EVENTS")]
+    nats_stream: String,
+    /// Subject prefix: subjects are `<prefix>.<tenant>.<stream_type>.<stream_id>`.
+    #[arg(long, env = "CRM_NATS_SUBJECT_PREFIX", default_value = "crm")]
+    nats_subject_prefix: String,
+}
+
 /// `crm migrate`: brings the event log and the read models to the current
 /// schema (and installs every projection), then exits.
 pub async fn migrate(stores: StoreArgs) -> anyhow::Result<()> {
@@ -87,19 +107,58 @@ pub async fn migrate(stores: StoreArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `crm command-service`: the command API (HTTP) over the shared log.
-pub async fn command_service(args: ServiceArgs) -> anyhow::Result<()> {
-    init_tracing(args.log_json);
-    let tokens = args.tokens()?;
-    let log = args.stores.log().await?;
+/// `crm command-service`: the command API (HTTP, and gRPC when asked) over
+/// the shared log, relaying committed events to JetStream when NATS is set.
+pub async fn command_service(args: CommandArgs) -> anyhow::Result<()> {
+    init_tracing(args.service.log_json);
+    let tokens = args.service.tokens()?;
+    let log = args.service.stores.log().await?;
     let app = App {
         executor: Arc::new(Executor::new(log.clone())),
         tokens: tokens.clone(),
     };
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut background = Vec::new();
+    if let Some(nats_url) = &args.nats_url {
+        let settings = RelaySettings {
+            nats_url: nats_url.clone(),
+            stream: args.nats_stream.clone(),
+            subject_prefix: args.nats_subject_prefix.clone(),
+            ..RelaySettings::default()
+        };
+        let relay = Relay::new(log.clone(), settings).context("configuring the relay to NATS")?;
+        let stopping = stopping.clone();
+        background.push(tokio::spawn(async move {
+            if let Err(error) = relay.run(stopping).await {
+                tracing::error!(%error, "relay to NATS stopped");
+            }
+        }));
+    }
+    if let Some(address) = args.grpc_addr {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding gRPC {address}"))?;
+        tracing::info!(address = %listener.local_addr()?, "gRPC serving");
+        let router = crm_service_kit::http::stack(crm_command_service::routes(app.clone()));
+        let mut stopping = stopping.clone();
+        let shutdown = async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
+        background.push(tokio::spawn(async move {
+            if let Err(error) =
+                crm_command_service::grpc::serve(listener, router.clone(), router, shutdown).await
+            {
+                tracing::error!(%error, "gRPC server stopped");
+            }
+        }));
+    }
     let routes = crm_command_service::routes(app)
         .merge(crate::telemetry::metrics_routes(tokens)?)
         .merge(openapi_route());
-    run_http("command-service", args.http_addr, routes).await?;
+    run_http_until("command-service", args.service.http_addr, routes, stop).await?;
+    for task in background {
+        let _ = task.await;
+    }
     log.close().await;
     Ok(())
 }
@@ -162,11 +221,6 @@ pub async fn projection_service(args: ServiceArgs) -> anyhow::Result<()> {
     }
     log.close().await;
     Ok(())
-}
-
-async fn run_http(name: &str, address: SocketAddr, routes: Router) -> anyhow::Result<()> {
-    let (stop, _) = tokio::sync::watch::channel(false);
-    run_http_until(name, address, routes, stop).await
 }
 
 /// Serves until SIGTERM/Ctrl-C, then flips `stop` (live feeds, workers) and
