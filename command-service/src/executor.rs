@@ -22,6 +22,8 @@ use crate::problem::Problem;
 
 /// How many times a command is re-run after losing a race with another writer.
 const MAX_ATTEMPTS: usize = 8;
+/// A snapshot is saved each time a stream crosses a multiple of this many events.
+const SNAPSHOT_EVERY: i64 = 100;
 /// Events read per query while catching an aggregate up.
 const CATCH_UP_PAGE: i64 = 500;
 
@@ -107,7 +109,6 @@ pub struct Executor {
     log: EventLog,
     caches: Caches,
     locks: StreamLocks,
-    snapshot_every: i64,
     events_loaded: AtomicU64,
 }
 
@@ -117,21 +118,8 @@ impl Executor {
             log,
             caches: Caches::default(),
             locks: StreamLocks::default(),
-            snapshot_every: 100,
             events_loaded: AtomicU64::new(0),
         }
-    }
-
-    /// Snapshot every `every` events (tests use small values).
-    pub fn with_snapshot_every(mut self, every: i64) -> Self {
-        self.snapshot_every = every.max(1);
-        self
-    }
-
-    /// Without the in-memory cache: each load starts from the snapshot (tests).
-    pub fn with_cache_capacity(mut self, per_type: u64) -> Self {
-        self.caches = Caches::new(per_type);
-        self
     }
 
     pub fn log(&self) -> &EventLog {
@@ -365,8 +353,7 @@ impl Executor {
         previous_version: i64,
         loaded: Loaded<A>,
     ) {
-        let crossed =
-            previous_version / self.snapshot_every != loaded.version / self.snapshot_every;
+        let crossed = previous_version / SNAPSHOT_EVERY != loaded.version / SNAPSHOT_EVERY;
         if crossed {
             if let Ok(state) = serde_json::to_value(&loaded) {
                 let log = self.log.clone();

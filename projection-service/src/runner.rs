@@ -98,13 +98,10 @@ impl Runner {
         Ok(())
     }
 
-    /// Runs until `shutdown` turns true. Never returns an error: a failing
-    /// projection is recorded and skipped, the others keep going.
+    /// Runs until `shutdown` turns true; call [`Runner::install`] first. Never
+    /// returns an error: a failing projection is recorded and skipped, the
+    /// others keep going.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        if let Err(error) = self.install().await {
-            tracing::error!(%error, "projections could not be installed");
-            return;
-        }
         let mut head = self.log.subscribe();
         loop {
             let mut progressed = false;

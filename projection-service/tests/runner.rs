@@ -127,6 +127,7 @@ async fn scenario(log: EventLog, db: ReadDb) {
         settings,
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    runner.install().await.unwrap();
     let task = tokio::spawn(runner.run(stopped));
 
     let mut positions = Vec::new();
