@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::auth::{Actor, Tokens};
 use crate::executor::{CommandContext, Executor, Outcome};
+use crate::metrics::Verdict;
 use crate::problem::Problem;
 
 /// Everything a handler needs; cheap to clone.
@@ -160,6 +161,11 @@ impl IntoResponse for Outcome {
         if self.replayed {
             headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
         }
+        response.extensions_mut().insert(if self.replayed {
+            Verdict::Replayed
+        } else {
+            Verdict::Accepted
+        });
         response
     }
 }

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use cqrs_es::DomainEvent;
 use crm_domain::error::DomainError;
@@ -18,6 +19,7 @@ use uuid::Uuid;
 use crate::auth::Actor;
 use crate::cache::{cache_key, Caches, Loaded, Stream};
 use crate::locks::StreamLocks;
+use crate::metrics::Verdict;
 use crate::problem::Problem;
 
 /// How many times a command is re-run after losing a race with another writer.
@@ -61,6 +63,41 @@ impl CommandContext {
             "request_id": self.request_id,
             "body_hash": self.body_hash,
         })
+    }
+}
+
+/// A command that was not applied: the problem to answer, and how the
+/// command metrics count it (a business refusal is told apart from bad input
+/// here, where it is known, not from the status code).
+#[derive(Debug, Clone)]
+pub struct CommandError {
+    pub problem: Problem,
+    pub verdict: Verdict,
+}
+
+impl CommandError {
+    /// Refused by a business rule on the aggregate's current state.
+    pub fn rejected(problem: Problem) -> Self {
+        Self {
+            problem,
+            verdict: Verdict::Rejected,
+        }
+    }
+}
+
+/// A problem counted by its status (see [`Verdict::from_status`]).
+impl From<Problem> for CommandError {
+    fn from(problem: Problem) -> Self {
+        let verdict = Verdict::from_status(problem.status());
+        Self { problem, verdict }
+    }
+}
+
+impl IntoResponse for CommandError {
+    fn into_response(self) -> Response {
+        let mut response = self.problem.into_response();
+        response.extensions_mut().insert(self.verdict);
+        response
     }
 }
 
@@ -151,7 +188,7 @@ impl Executor {
         stream_id: Uuid,
         command: A::Command,
         mode: Mode,
-    ) -> Result<Outcome, Problem>
+    ) -> Result<Outcome, CommandError>
     where
         A::Command: Clone,
     {
@@ -213,7 +250,7 @@ impl Executor {
                 Appended::Conflict => {
                     A::cache(&self.caches).invalidate(&cache_key(&ctx.actor.tenant, &stream_id));
                     if ctx.if_match.is_some() {
-                        return Err(stale(ctx.if_match.unwrap_or_default(), None));
+                        return Err(stale(ctx.if_match.unwrap_or_default(), None).into());
                     }
                     tracing::debug!(attempt, stream = %stream_id, "version conflict; retrying");
                     tokio::time::sleep(backoff(attempt)).await;
@@ -222,7 +259,8 @@ impl Executor {
         }
         Err(Problem::conflict(
             "the record is being changed by many writers at once; retry the command",
-        ))
+        )
+        .into())
     }
 
     /// Appends several streams' events in one transaction; the first stream's
@@ -382,12 +420,12 @@ impl Executor {
         loaded: &Loaded<A>,
         stream_id: &str,
         mode: Mode,
-    ) -> Result<Option<Outcome>, Problem> {
+    ) -> Result<Option<Outcome>, CommandError> {
         match (mode, loaded.state.exists()) {
-            (Mode::Update, false) => Err(Problem::not_found(format!(
+            (Mode::Update, false) => Err(CommandError::rejected(Problem::not_found(format!(
                 "no {} with id {stream_id}",
                 A::TYPE
-            ))),
+            )))),
             (Mode::Create, true) => {
                 let first = self
                     .log
@@ -409,10 +447,10 @@ impl Executor {
                         replayed: true,
                     }))
                 } else {
-                    Err(Problem::conflict(format!(
+                    Err(CommandError::rejected(Problem::conflict(format!(
                         "a {} with id {stream_id} already exists with different content",
                         A::TYPE
-                    )))
+                    ))))
                 }
             }
             _ => Ok(None),
@@ -476,13 +514,15 @@ fn replayed(ctx: &CommandContext, record: &IdempotencyRecord) -> Result<Outcome,
     Ok(Outcome::from_record(record))
 }
 
-pub fn domain_problem(error: DomainError) -> Problem {
-    match error {
+/// An aggregate's refusal of a command (`decide`): a business rule, whatever
+/// the status (a field the current state rejects is 422 too).
+pub fn domain_problem(error: DomainError) -> CommandError {
+    CommandError::rejected(match error {
         DomainError::Validation(errors) => Problem::validation(errors.0),
         DomainError::NotFound => Problem::not_found("the record does not exist"),
         DomainError::AlreadyExists => Problem::conflict("the record already exists"),
         DomainError::IllegalTransition(message) => Problem::conflict(message),
-    }
+    })
 }
 
 fn backoff(attempt: usize) -> std::time::Duration {

@@ -16,16 +16,26 @@
 //!   `x-client`, `user-agent`) become the same headers; `idempotency_key` ->
 //!   `Idempotency-Key`; `expected_version` N -> `If-Match: "N"`; `body_json`
 //!   -> the body, `Content-Type: application/json`;
-//! - a 2xx answer becomes the reply (`CommandReply` from the JSON body; the
-//!   queries answer the JSON document verbatim in `JsonReply.json`); an
-//!   idempotent replay carries the `idempotent-replayed: true` metadata;
+//! - the typed queries are `GET`s of the read routes, each request field
+//!   becoming the query parameter of the same name (percent-encoded; unset
+//!   optional fields are left out): `GetPipelineBoard` -> `/v1/pipeline`,
+//!   `GetCustomer` -> `/v1/customers/{account_id}`, `GetCustomerTimeline` ->
+//!   `/v1/customers/{account_id}/history` (or `/v1/contacts/{contact_id}/history`),
+//!   `ListAudit` -> `/v1/audit`; `GetRecord` and `GetStreamEvents` likewise;
+//! - a 2xx answer becomes the reply: `CommandReply` from the JSON body, the
+//!   read models (`PipelineBoard`, `CustomerSummary`, `TimelinePage`,
+//!   `AuditPage`) decoded from the route's JSON document (same field names),
+//!   `GetRecord`/`GetStreamEvents` the JSON document verbatim in
+//!   `JsonReply.json`; an idempotent replay carries the
+//!   `idempotent-replayed: true` metadata;
 //! - any other answer becomes a [`Status`] with the code of [`code_for_status`],
 //!   the problem's `detail` as message and the whole problem+json document
 //!   (RFC 9457: `type`, `title`, `status`, `detail`, `errors[{field,message}]`)
 //!   as the status details bytes.
 //!
-//! [`serve`] runs both services on a listener; [`command_service`] and
-//! [`query_service`] give the services to mount elsewhere.
+//! [`serve`] runs both services on a listener, [`serve_queries`] the query
+//! service alone; [`command_service`] and [`query_service`] give the services
+//! to mount elsewhere.
 
 use std::future::Future;
 
@@ -37,7 +47,12 @@ use bytes::Bytes;
 use crm_domain::error::FieldError;
 use crm_proto::v1::command_service_server::{CommandService, CommandServiceServer};
 use crm_proto::v1::query_service_server::{QueryService, QueryServiceServer};
-use crm_proto::v1::{CommandReply, CommandRequest, GetRecordRequest, JsonReply, StreamRequest};
+use crm_proto::v1::{
+    AuditPage, AuditRequest, CommandReply, CommandRequest, CustomerRequest, CustomerSummary,
+    GetRecordRequest, JsonReply, PipelineBoard, PipelineBoardRequest, StreamRequest, TimelinePage,
+    TimelineRequest,
+};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 use tonic::{Code, Request, Response, Status};
@@ -379,10 +394,10 @@ pub struct GrpcQueries {
     router: Router,
 }
 
-/// The query service answering through `router`, which must serve
-/// `GET /v1/<collection>/{id}` (read models) and
-/// `GET /v1/streams/{type}/{id}/events` (the log), e.g. the command routes
-/// merged with the query service's routes.
+/// The query service answering through `router`, which must serve the read
+/// routes (`crm_query_service::routes`) and `GET /v1/streams/{type}/{id}/events`
+/// (the log: [`crate::history_routes`]), e.g. the command routes merged with
+/// the query service's routes.
 pub fn query_service(router: Router) -> QueryServiceServer<GrpcQueries> {
     QueryServiceServer::new(GrpcQueries { router })
 }
@@ -406,6 +421,40 @@ fn record_collection(name: &str) -> Result<&'static str, Status> {
                     "unknown collection `{name}`; expected one of leads, accounts, contacts, opportunities, cases"
                 ),
             )
+        })
+}
+
+/// `path?key=value&...` for the parameters that are set, values percent-encoded.
+fn with_query(mut path: String, params: &[(&str, Option<String>)]) -> String {
+    let pairs: Vec<String> = params
+        .iter()
+        .filter_map(|(key, value)| {
+            value
+                .as_ref()
+                .map(|value| format!("{key}={}", encode_segment(value)))
+        })
+        .collect();
+    if !pairs.is_empty() {
+        path.push('?');
+        path.push_str(&pairs.join("&"));
+    }
+    path
+}
+
+/// GETs `path` and decodes the JSON answer into the typed reply.
+async fn typed_reply<T: DeserializeOwned>(
+    router: &Router,
+    path: &str,
+    headers: HeaderMap,
+) -> Result<Response<T>, Status> {
+    let (_, bytes) = call(router, Method::GET, path, headers, None).await?;
+    serde_json::from_slice(&bytes)
+        .map(Response::new)
+        .map_err(|error| {
+            problem_status(&Problem::internal(&format!(
+                "the answer of GET {} does not decode into its gRPC message: {error}",
+                path.split('?').next().unwrap_or(path)
+            )))
         })
 }
 
@@ -469,6 +518,114 @@ impl QueryService for GrpcQueries {
         let (_, bytes) = call(&self.router, Method::GET, &path, headers, None).await?;
         json_reply(bytes)
     }
+
+    async fn get_pipeline_board(
+        &self,
+        request: Request<PipelineBoardRequest>,
+    ) -> Result<Response<PipelineBoard>, Status> {
+        let headers = forwarded_headers(&request);
+        let query = request.into_inner();
+        let path = with_query(
+            "/v1/pipeline".to_string(),
+            &[
+                ("owner", query.owner),
+                ("pipeline", query.pipeline),
+                ("min_position", query.min_position.map(|p| p.to_string())),
+            ],
+        );
+        typed_reply(&self.router, &path, headers).await
+    }
+
+    async fn get_customer(
+        &self,
+        request: Request<CustomerRequest>,
+    ) -> Result<Response<CustomerSummary>, Status> {
+        let headers = forwarded_headers(&request);
+        let query = request.into_inner();
+        if query.account_id.is_empty() {
+            return Err(invalid("account_id", "required"));
+        }
+        let path = with_query(
+            format!("/v1/customers/{}", encode_segment(&query.account_id)),
+            &[("min_position", query.min_position.map(|p| p.to_string()))],
+        );
+        typed_reply(&self.router, &path, headers).await
+    }
+
+    async fn get_customer_timeline(
+        &self,
+        request: Request<TimelineRequest>,
+    ) -> Result<Response<TimelinePage>, Status> {
+        let headers = forwarded_headers(&request);
+        let query = request.into_inner();
+        let base = match (query.account_id.is_empty(), query.contact_id.is_empty()) {
+            (false, true) => format!(
+                "/v1/customers/{}/history",
+                encode_segment(&query.account_id)
+            ),
+            (true, false) => format!("/v1/contacts/{}/history", encode_segment(&query.contact_id)),
+            (true, true) => {
+                return Err(invalid(
+                    "account_id",
+                    "required: the account_id (or the contact_id) whose timeline to read",
+                ))
+            }
+            (false, false) => {
+                return Err(invalid(
+                    "contact_id",
+                    "send the account_id or the contact_id, not both",
+                ))
+            }
+        };
+        let path = with_query(
+            base,
+            &[
+                ("kind", query.kind),
+                ("cursor", query.cursor),
+                ("limit", query.limit.map(|n| n.to_string())),
+                ("min_position", query.min_position.map(|p| p.to_string())),
+            ],
+        );
+        typed_reply(&self.router, &path, headers).await
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<AuditRequest>,
+    ) -> Result<Response<AuditPage>, Status> {
+        let headers = forwarded_headers(&request);
+        let query = request.into_inner();
+        let path = with_query(
+            "/v1/audit".to_string(),
+            &[
+                ("stream_type", query.stream_type),
+                ("stream_id", query.stream_id),
+                ("actor", query.actor),
+                ("from", query.from),
+                ("to", query.to),
+                ("field", query.field),
+                ("event_type", query.event_type),
+                ("cursor", query.cursor),
+                ("limit", query.limit.map(|n| n.to_string())),
+                ("min_position", query.min_position.map(|p| p.to_string())),
+            ],
+        );
+        typed_reply(&self.router, &path, headers).await
+    }
+}
+
+/// Serves the query service alone on `listener` (a process with the read
+/// models but not the command API) until `shutdown` completes.
+pub async fn serve_queries(
+    listener: tokio::net::TcpListener,
+    queries: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(query_service(queries))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
 }
 
 /// Serves both gRPC services on `listener` until `shutdown` completes
@@ -570,6 +727,26 @@ mod tests {
         assert_eq!(
             body_with_id(r#"{"id":"other"}"#, "abc").unwrap_err().code(),
             Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn query_parameters_are_encoded_and_unset_ones_left_out() {
+        let path = with_query(
+            "/v1/audit".to_string(),
+            &[
+                ("from", Some("2026-01-01T00:00:00+07:00".to_string())),
+                ("actor", None),
+                ("field", Some("a&b=c".to_string())),
+            ],
+        );
+        assert_eq!(
+            path,
+            "/v1/audit?from=2026-01-01T00%3A00%3A00%2B07%3A00&field=a%26b%3Dc"
+        );
+        assert_eq!(
+            with_query("/v1/pipeline".into(), &[("owner", None)]),
+            "/v1/pipeline"
         );
     }
 

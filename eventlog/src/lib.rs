@@ -38,6 +38,10 @@ use tokio::sync::watch;
 /// Tenant used by the `cqrs_es` repository implementation.
 pub const DEFAULT_TENANT: &str = "default";
 
+/// Histogram of append latency (seconds, one sample per append whatever its
+/// outcome; label `backend` = `sqlite` | `postgres`), group-commit wait included.
+pub const APPEND_SECONDS: &str = "crm_append_duration_seconds";
+
 /// Snapshot write carried inside an append (same transaction as the events).
 #[derive(Clone, Debug)]
 pub(crate) struct SnapshotWrite {
@@ -152,10 +156,18 @@ impl EventLog {
         if batch.streams.is_empty() || batch.streams.iter().any(|s| s.events.is_empty()) {
             return Err(LogError::EmptyAppend);
         }
-        match &self.inner.store {
+        let started = std::time::Instant::now();
+        let outcome = match &self.inner.store {
             Store::Sqlite(s) => s.append(batch, snapshot).await,
             Store::Postgres(s) => s.append(batch, snapshot, &self.inner.head).await,
-        }
+        };
+        let backend = match self.backend() {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        };
+        metrics::histogram!(APPEND_SECONDS, "backend" => backend)
+            .record(started.elapsed().as_secs_f64());
+        outcome
     }
 
     /// Events of one stream with `version > after_version`, ascending, at most `limit`.

@@ -1,8 +1,12 @@
 //! The HTTP stack every CRM service answers through: problem+json for unknown
-//! routes and methods, request tracing, and panics turned into a 500 problem
-//! instead of a dropped connection.
+//! routes and methods, request tracing, request latency metrics, and panics
+//! turned into a 500 problem instead of a dropped connection.
 
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
 use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
@@ -44,6 +48,36 @@ async fn problem_for_plain_errors(response: Response) -> Response {
     Response::from_parts(parts, problem_body)
 }
 
+/// Histogram of HTTP request latency in seconds, by `method`, `route` (the
+/// route template, e.g. `/v1/customers/{id}`; `unmatched` when no route
+/// matched) and `status`.
+pub const HTTP_REQUEST_SECONDS: &str = "crm_http_request_duration_seconds";
+
+/// `route` label of requests no route matched.
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// Times a request until its response head is ready (a streamed body, e.g.
+/// the live feed, is not waited for). The route is the matched template,
+/// never the raw path, so ids never become label values.
+async fn record_latency(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_string())
+        .unwrap_or_else(|| UNMATCHED_ROUTE.to_string());
+    let response = next.run(request).await;
+    metrics::histogram!(
+        HTTP_REQUEST_SECONDS,
+        "method" => method,
+        "route" => route,
+        "status" => response.status().as_str().to_string()
+    )
+    .record(started.elapsed().as_secs_f64());
+    response
+}
+
 /// Wraps fully-stated routes (possibly merged from several services).
 pub fn stack(routes: Router) -> Router {
     routes
@@ -61,4 +95,8 @@ pub fn stack(routes: Router) -> Router {
         .layer(CatchPanicLayer::custom(|_panic| {
             axum::response::IntoResponse::into_response(Problem::internal(&"handler panicked"))
         }))
+        // Outermost, so a panic is timed as the 500 it became; still applied
+        // per route (and to the fallbacks) after routing, so the matched
+        // path is known.
+        .layer(axum::middleware::from_fn(record_latency))
 }

@@ -11,7 +11,7 @@ use super::{run, PathId, Route};
 use crate::app::{App, CommandResponse};
 use crate::auth::Actor;
 use crate::body::JsonBody;
-use crate::executor::{Mode, Outcome};
+use crate::executor::{CommandError, Mode, Outcome};
 use crate::problem::Problem;
 
 /// Register an account.
@@ -22,7 +22,7 @@ pub async fn register(
     actor: Actor,
     headers: HeaderMap,
     body: JsonBody<RegisterAccountInput>,
-) -> Result<Outcome, Problem> {
+) -> Result<Outcome, CommandError> {
     let id = body.value.id.unwrap_or_else(Uuid::now_v7);
     let route = Route {
         stream_type: "account",
@@ -45,7 +45,7 @@ pub async fn update(
     PathId(id): PathId,
     headers: HeaderMap,
     body: JsonBody<UpdateAccountInput>,
-) -> Result<Outcome, Problem> {
+) -> Result<Outcome, CommandError> {
     let route = Route {
         stream_type: "account",
         command: "update",

@@ -13,7 +13,7 @@ use super::{require_existing, run, update_route, Route};
 use crate::app::{App, CommandResponse};
 use crate::auth::Actor;
 use crate::body::JsonBody;
-use crate::executor::{Mode, Outcome};
+use crate::executor::{CommandError, Mode, Outcome};
 use crate::problem::Problem;
 
 /// Open a support case for an account and/or contact.
@@ -24,7 +24,7 @@ pub async fn open(
     actor: Actor,
     headers: HeaderMap,
     body: JsonBody<OpenCaseInput>,
-) -> Result<Outcome, Problem> {
+) -> Result<Outcome, CommandError> {
     require_existing(
         &app,
         &actor,

@@ -12,7 +12,7 @@ use super::{require_existing, run, update_route, PathId, Route};
 use crate::app::{App, CommandResponse};
 use crate::auth::Actor;
 use crate::body::JsonBody;
-use crate::executor::{Mode, Outcome};
+use crate::executor::{CommandError, Mode, Outcome};
 use crate::problem::Problem;
 
 /// Create a contact, optionally linked to an account.
@@ -23,7 +23,7 @@ pub async fn create(
     actor: Actor,
     headers: HeaderMap,
     body: JsonBody<CreateContactInput>,
-) -> Result<Outcome, Problem> {
+) -> Result<Outcome, CommandError> {
     require_existing(
         &app,
         &actor,
@@ -52,7 +52,7 @@ pub async fn update(
     PathId(id): PathId,
     headers: HeaderMap,
     body: JsonBody<UpdateContactInput>,
-) -> Result<Outcome, Problem> {
+) -> Result<Outcome, CommandError> {
     require_existing(
         &app,
         &actor,
@@ -80,7 +80,7 @@ pub async fn log_activity(
     PathId(id): PathId,
     headers: HeaderMap,
     body: JsonBody<LogActivityInput>,
-) -> Result<Outcome, Problem> {
+) -> Result<Outcome, CommandError> {
     require_existing(
         &app,
         &actor,

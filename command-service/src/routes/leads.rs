@@ -6,6 +6,7 @@ use axum::http::{HeaderMap, StatusCode};
 use crm_domain::account::Account;
 use crm_domain::aggregate::CrmAggregate;
 use crm_domain::contact::Contact;
+use crm_domain::error::DomainError;
 use crm_domain::ids::{AccountId, ContactId, LeadId, OpportunityId};
 use crm_domain::lead::{
     plan_conversion, CaptureLeadInput, ConversionIds, ConvertLeadInput, DisqualifyLeadInput, Lead,
@@ -19,7 +20,7 @@ use crate::app::{App, CommandResponse};
 use crate::auth::Actor;
 use crate::body::JsonBody;
 use crate::executor::{
-    check_if_match, domain_problem, new_events, Appended, Mode, Outcome, Staged,
+    check_if_match, domain_problem, new_events, Appended, CommandError, Mode, Outcome, Staged,
 };
 use crate::problem::Problem;
 
@@ -31,7 +32,7 @@ pub async fn capture(
     actor: Actor,
     headers: HeaderMap,
     body: JsonBody<CaptureLeadInput>,
-) -> Result<Outcome, Problem> {
+) -> Result<Outcome, CommandError> {
     let id = body.value.id.unwrap_or_else(Uuid::now_v7);
     let route = Route {
         stream_type: "lead",
@@ -62,7 +63,7 @@ pub async fn convert(
     PathId(id): PathId,
     headers: HeaderMap,
     body: JsonBody<ConvertLeadInput>,
-) -> Result<Outcome, Problem> {
+) -> Result<Outcome, CommandError> {
     let ctx = app.context(
         &actor,
         "lead",
@@ -92,7 +93,9 @@ pub async fn convert(
     for _attempt in 0..8 {
         let lead = executor.load::<Lead>(&actor.tenant, &stream_id).await?;
         if !lead.state.exists() {
-            return Err(Problem::not_found(format!("no lead with id {id}")));
+            return Err(CommandError::rejected(Problem::not_found(format!(
+                "no lead with id {id}"
+            ))));
         }
         check_if_match(&ctx, lead.version)?;
         let ids = ConversionIds {
@@ -100,8 +103,14 @@ pub async fn convert(
             contact_id: ContactId::new(Uuid::now_v7()),
             opportunity_id: OpportunityId::new(Uuid::now_v7()),
         };
-        let plan = plan_conversion(&lead.state, body.value.clone(), ids, ctx.now)
-            .map_err(domain_problem)?;
+        let plan =
+            plan_conversion(&lead.state, body.value.clone(), ids, ctx.now).map_err(|error| {
+                match error {
+                    // The body's own fields: bad input, not a refusal.
+                    DomainError::Validation(errors) => Problem::validation(errors.0).into(),
+                    refusal => domain_problem(refusal),
+                }
+            })?;
         let mut staged = vec![Staged {
             stream_type: "lead",
             stream_id: stream_id.clone(),
@@ -136,14 +145,12 @@ pub async fn convert(
         match executor.append(&ctx, staged, StatusCode::OK).await? {
             Appended::Committed(outcome) | Appended::Replayed(outcome) => return Ok(outcome),
             Appended::Conflict if ctx.if_match.is_some() => {
-                return Err(Problem::precondition_failed("the lead changed meanwhile"))
+                return Err(Problem::precondition_failed("the lead changed meanwhile").into())
             }
             Appended::Conflict => continue,
         }
     }
-    Err(Problem::conflict(
-        "the lead is being changed by many writers at once; retry",
-    ))
+    Err(Problem::conflict("the lead is being changed by many writers at once; retry").into())
 }
 
 fn created(

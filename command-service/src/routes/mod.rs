@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::app::App;
 use crate::auth::Actor;
 use crate::cache::Stream;
-use crate::executor::{Mode, Outcome};
+use crate::executor::{CommandError, Mode, Outcome};
 use crate::problem::Problem;
 
 /// The `{id}` of a route; a value that is not a UUID names no record, hence 404.
@@ -55,7 +55,7 @@ pub async fn run<A: Stream>(
     stream_id: Uuid,
     body_hash: &str,
     build: impl FnOnce(DateTime<Utc>) -> Result<A::Command, ValidationErrors>,
-) -> Result<Outcome, Problem>
+) -> Result<Outcome, CommandError>
 where
     A::Command: Clone,
 {
@@ -73,12 +73,13 @@ where
         .await
 }
 
-/// Refuses a body that points at a record which does not exist.
+/// Refuses a body that points at a record which does not exist (a business
+/// refusal: the same body is fine once the record is there).
 pub async fn require_existing(
     app: &App,
     actor: &Actor,
     references: &[(&str, &str, Option<Uuid>)],
-) -> Result<(), Problem> {
+) -> Result<(), CommandError> {
     let mut missing = Vec::new();
     for (field, stream_type, id) in references {
         let Some(id) = id else { continue };
@@ -98,7 +99,7 @@ pub async fn require_existing(
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(Problem::validation(missing))
+        Err(CommandError::rejected(Problem::validation(missing)))
     }
 }
 
@@ -120,7 +121,7 @@ macro_rules! update_route {
             crate::routes::PathId(id): crate::routes::PathId,
             headers: axum::http::HeaderMap,
             body: crate::body::JsonBody<$input>,
-        ) -> Result<crate::executor::Outcome, crate::problem::Problem> {
+        ) -> Result<crate::executor::Outcome, crate::executor::CommandError> {
             let route = crate::routes::Route {
                 stream_type: $stream,
                 command: $command,

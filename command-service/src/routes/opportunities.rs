@@ -14,7 +14,7 @@ use super::{require_existing, run, update_route, Route};
 use crate::app::{App, CommandResponse};
 use crate::auth::Actor;
 use crate::body::JsonBody;
-use crate::executor::{Mode, Outcome};
+use crate::executor::{CommandError, Mode, Outcome};
 use crate::problem::Problem;
 
 /// Open an opportunity on an account.
@@ -25,7 +25,7 @@ pub async fn open(
     actor: Actor,
     headers: HeaderMap,
     body: JsonBody<OpenOpportunityInput>,
-) -> Result<Outcome, Problem> {
+) -> Result<Outcome, CommandError> {
     require_existing(
         &app,
         &actor,
