@@ -2,6 +2,7 @@
 //! the services that have no command routes to carry them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -32,18 +33,30 @@ pub fn routes(dependencies: Dependencies) -> Router {
         )
 }
 
+/// How long each dependency may take to answer a readiness probe: a database
+/// that is down must give a prompt 503, not a probe that hangs until the
+/// prober's own timeout.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
 async fn ready(
     dependencies: &Dependencies,
 ) -> Result<(StatusCode, Json<serde_json::Value>), Problem> {
-    let head = dependencies
-        .log
-        .head_position()
+    let head = tokio::time::timeout(PROBE_TIMEOUT, dependencies.log.head_position())
         .await
+        .map_err(|_| {
+            Problem::unavailable(format!(
+                "event log unavailable: no answer within {PROBE_TIMEOUT:?}"
+            ))
+        })?
         .map_err(|error| Problem::unavailable(format!("event log unavailable: {error}")))?;
     if let Some(read) = &dependencies.read {
-        sqlx::query("SELECT 1")
-            .execute(&read.pool)
+        tokio::time::timeout(PROBE_TIMEOUT, sqlx::query("SELECT 1").execute(&read.pool))
             .await
+            .map_err(|_| {
+                Problem::unavailable(format!(
+                    "read-model database unavailable: no answer within {PROBE_TIMEOUT:?}"
+                ))
+            })?
             .map_err(|error| {
                 Problem::unavailable(format!("read-model database unavailable: {error}"))
             })?;

@@ -35,6 +35,11 @@ use crate::{
 /// NOTIFY channel carrying the new head position.
 pub const HEAD_CHANNEL: &str = "crm_eventlog_head";
 const INSERT_CHUNK: usize = 1000;
+/// How long a query waits for a pooled connection. It also bounds how long a request waits
+/// while PostgreSQL is down: sqlx retries refused connections until this deadline, then
+/// answers `PoolTimedOut` (a [`LogError::is_unavailable`] error, HTTP 503). Kept well under
+/// client and load-balancer timeouts so an outage fails fast instead of hanging requests.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct PgStore {
     pub(crate) pool: PgPool,
@@ -50,7 +55,7 @@ impl PgStore {
             .map_err(|e| LogError::InvalidUrl(format!("{url}: {e}")))?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(opts)
             .await?;
         {

@@ -22,6 +22,8 @@ pub enum ReadBackend {
 pub struct ReadDb {
     pub pool: AnyPool,
     pub backend: ReadBackend,
+    /// The URL it was opened with (workers open their lease connection from it).
+    pub url: String,
 }
 
 impl ReadDb {
@@ -45,6 +47,8 @@ impl ReadDb {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
+            // Fail fast (503) when the database is gone instead of queueing for 30 s.
+            .acquire_timeout(std::time::Duration::from_secs(5))
             .after_connect(move |connection, _| {
                 Box::pin(async move {
                     if backend == ReadBackend::Sqlite {
@@ -58,7 +62,11 @@ impl ReadDb {
             })
             .connect(url)
             .await?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            url: url.to_string(),
+        })
     }
 }
 

@@ -13,6 +13,8 @@ use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+pub mod private;
+
 /// Which event log the server runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -473,6 +475,17 @@ impl Service {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url)
+    }
+
+    /// SIGKILL (no shutdown code runs), then the exit status (bounded).
+    pub async fn kill9(mut self) -> std::process::ExitStatus {
+        self.child
+            .start_kill()
+            .expect("SIGKILL is delivered to the service");
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the service dies within 30 s of SIGKILL")
+            .expect("exit status")
     }
 
     /// SIGTERM, then the exit status (bounded).
