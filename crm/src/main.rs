@@ -40,9 +40,9 @@ enum Verb {
     /// Distributed mode: the command API alone.
     CommandService(services::CommandArgs),
     /// Distributed mode: the projection workers alone.
-    ProjectionService(services::ServiceArgs),
+    ProjectionService(services::ProjectionArgs),
     /// Distributed mode: the query API alone.
-    QueryService(services::ServiceArgs),
+    QueryService(services::QueryArgs),
 }
 
 #[derive(Subcommand)]

@@ -1,6 +1,7 @@
 //! `crm serve`: commands, projections and queries in one process on the
 //! embedded SQLite store (or the PostgreSQL one named by `CRM_DATABASE_URL`),
-//! on one port, with graceful shutdown.
+//! on one HTTP port (plus, with `--grpc-addr`, the gRPC command and query
+//! API), with graceful shutdown.
 
 use std::net::SocketAddr;
 
@@ -24,6 +25,9 @@ pub struct ServeArgs {
     /// Address the HTTP API listens on.
     #[arg(long, env = "CRM_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     http_addr: SocketAddr,
+    /// Address of the gRPC API (commands and queries); off when unset.
+    #[arg(long, env = "CRM_GRPC_ADDR")]
+    grpc_addr: Option<SocketAddr>,
     /// Event log URL; by default the SQLite file `<data-dir>/crm.db`.
     #[arg(long, env = "CRM_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
@@ -62,6 +66,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let _ = shutdown.send(true);
     });
     let projection_task = tokio::spawn(runner.run(stopping.clone()));
+    tokio::spawn(crm_projection_service::status::report_progress(
+        read_db.clone(),
+        log.clone(),
+        stopping.clone(),
+    ));
     let live = LiveSettings {
         shutdown: Some(stopping.clone()),
         ..LiveSettings::default()
@@ -74,10 +83,41 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .merge(crm_query_service::routes(queries))
         .merge(crate::telemetry::metrics_routes(tokens_for_metrics)?)
         .merge(openapi_route());
+    let router = crm_service_kit::http::stack(routes);
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("binding {}", args.http_addr))?;
     let address = listener.local_addr()?;
+    // gRPC answers through the same router, in-process: same auth,
+    // validation, problems and metrics as HTTP.
+    let grpc_task = match args.grpc_addr {
+        Some(grpc_addr) => {
+            let grpc_listener = tokio::net::TcpListener::bind(grpc_addr)
+                .await
+                .with_context(|| format!("binding gRPC {grpc_addr}"))?;
+            let grpc_address = grpc_listener.local_addr()?;
+            tracing::info!(address = %grpc_address, "gRPC serving");
+            println!("crm gRPC listening on http://{grpc_address}");
+            let mut stopping = stopping.clone();
+            let shutdown = async move {
+                let _ = stopping.wait_for(|stop| *stop).await;
+            };
+            let router = router.clone();
+            Some(tokio::spawn(async move {
+                if let Err(error) = crm_command_service::grpc::serve(
+                    grpc_listener,
+                    router.clone(),
+                    router,
+                    shutdown,
+                )
+                .await
+                {
+                    tracing::error!(%error, "gRPC server stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     tracing::info!(%address, data_dir = %data_dir.display(), "crm serving");
     if let SecretSource::GeneratedFile(path) = source {
         println!("generated a token secret in {}", path.display());
@@ -88,13 +128,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     // Printed last: scripts and tests wait for this line.
     println!("crm listening on http://{address}");
-    axum::serve(listener, crm_service_kit::http::stack(routes))
+    axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             let mut stopping = stopping;
             let _ = stopping.wait_for(|stop| *stop).await;
         })
         .await
         .context("serving HTTP")?;
+    if let Some(task) = grpc_task {
+        let _ = task.await;
+    }
     // In-flight commands have been answered and the runner was told to stop;
     // let it finish its batch, then make sure everything acknowledged is on disk.
     if let Err(error) = projection_task.await {

@@ -11,7 +11,9 @@ use clap::Args;
 use crm_command_service::{App, Executor, Tokens};
 use crm_eventlog::relay::{Relay, RelaySettings};
 use crm_eventlog::EventLog;
-use crm_projection_service::runner::Runner;
+use crm_projection_service::bus::BusSettings;
+use crm_projection_service::runner::{install, Folding};
+use crm_projection_service::worker::{Worker, WorkerSettings};
 use crm_projection_service::{all_projections, ReadDb};
 use crm_query_service::{LiveSettings, QueryState};
 
@@ -73,6 +75,17 @@ impl ServiceArgs {
     }
 }
 
+/// The query service's own options: gRPC.
+#[derive(Args, Clone)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    service: ServiceArgs,
+    /// Address of the gRPC API (the read-model queries, record and stream
+    /// reads); off when unset.
+    #[arg(long, env = "CRM_GRPC_ADDR")]
+    grpc_addr: Option<SocketAddr>,
+}
+
 /// The command service's own options: gRPC and the relay to NATS.
 #[derive(Args, Clone)]
 pub struct CommandArgs {
@@ -92,14 +105,37 @@ pub struct CommandArgs {
     nats_subject_prefix: String,
 }
 
+/// The projection workers' own options: partitions and JetStream.
+#[derive(Args, Clone)]
+pub struct ProjectionArgs {
+    #[command(flatten)]
+    service: ServiceArgs,
+    /// Stream partitions of the stream-local read models; every worker of a
+    /// deployment must use the same count (changing it needs `crm rebuild`).
+    #[arg(long, env = "CRM_PARTITIONS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    partitions: u32,
+    /// Workers of one deployment share units, leases and consumer names by this name.
+    #[arg(long, env = "CRM_WORKER_GROUP", default_value = "crm")]
+    group: String,
+    /// NATS with JetStream: units read events from durable consumers there
+    /// (the log fills any gap); log only when unset.
+    #[arg(long, env = "CRM_NATS_URL")]
+    nats_url: Option<String>,
+    /// JetStream stream the relay publishes to.
+    #[arg(long, env = "CRM_NATS_STREAM", default_value = "CRM_EVENTS")]
+    nats_stream: String,
+    /// The relay's subject prefix.
+    #[arg(long, env = "CRM_NATS_SUBJECT_PREFIX", default_value = "crm")]
+    nats_subject_prefix: String,
+}
+
 /// `crm migrate`: brings the event log and the read models to the current
 /// schema (and installs every projection), then exits.
 pub async fn migrate(stores: StoreArgs) -> anyhow::Result<()> {
     init_tracing(false);
     let log = stores.log().await?;
     let read = stores.read().await?;
-    Runner::new(log.clone(), read, all_projections(), runner_settings())
-        .install()
+    install(&log, &read, &all_projections(), Folding::Undecided)
         .await
         .context("installing the projections")?;
     log.close().await;
@@ -163,50 +199,107 @@ pub async fn command_service(args: CommandArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `crm query-service`: read models, time travel and feeds over HTTP.
-pub async fn query_service(args: ServiceArgs) -> anyhow::Result<()> {
-    init_tracing(args.log_json);
-    let tokens = args.tokens()?;
-    let log = args.stores.log().await?;
-    let read = args.stores.read().await?;
+/// `crm query-service`: read models, time travel, raw stream history and
+/// feeds over HTTP, and the gRPC `QueryService` when `--grpc-addr` is set.
+pub async fn query_service(args: QueryArgs) -> anyhow::Result<()> {
+    let QueryArgs { service, grpc_addr } = args;
+    init_tracing(service.log_json);
+    let tokens = service.tokens()?;
+    let log = service.stores.log().await?;
+    let read = service.stores.read().await?;
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let live = LiveSettings {
-        shutdown: Some(stopping),
+        shutdown: Some(stopping.clone()),
         ..LiveSettings::default()
     };
     let queries = QueryState::new(log.clone(), tokens.clone())
         .with_live(live)
         .with_read_models(read.clone());
-    let routes = crm_query_service::routes(queries)
+    // Raw stream history reads the log, not a read model: served here too,
+    // so every `QueryService` call has its route in this process.
+    let history = crm_command_service::history_routes(App {
+        executor: Arc::new(Executor::new(log.clone())),
+        tokens: tokens.clone(),
+    });
+    let reads = crm_query_service::routes(queries).merge(history);
+    let mut grpc = None;
+    if let Some(address) = grpc_addr {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding gRPC {address}"))?;
+        tracing::info!(address = %listener.local_addr()?, "gRPC serving");
+        let router = crm_service_kit::http::stack(reads.clone());
+        let mut stopping = stopping.clone();
+        let shutdown = async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
+        grpc = Some(tokio::spawn(async move {
+            if let Err(error) =
+                crm_command_service::grpc::serve_queries(listener, router, shutdown).await
+            {
+                tracing::error!(%error, "gRPC server stopped");
+            }
+        }));
+    }
+    let routes = reads
         .merge(health::routes(Dependencies {
             log: log.clone(),
             read: Some(read),
         }))
         .merge(crate::telemetry::metrics_routes(tokens)?);
-    run_http_until("query-service", args.http_addr, routes, stop).await?;
+    run_http_until("query-service", service.http_addr, routes, stop).await?;
+    if let Some(task) = grpc {
+        let _ = task.await;
+    }
     log.close().await;
     Ok(())
 }
 
 /// `crm projection-service`: the projection workers, plus health, metrics and
 /// `/v1/projections` over HTTP.
-pub async fn projection_service(args: ServiceArgs) -> anyhow::Result<()> {
-    init_tracing(args.log_json);
-    let tokens = args.tokens()?;
-    let log = args.stores.log().await?;
-    let read = args.stores.read().await?;
-    let runner = Runner::new(
-        log.clone(),
-        read.clone(),
-        all_projections(),
-        runner_settings(),
-    );
-    runner
+pub async fn projection_service(args: ProjectionArgs) -> anyhow::Result<()> {
+    init_tracing(args.service.log_json);
+    let tokens = args.service.tokens()?;
+    let log = args.service.stores.log().await?;
+    let read = args.service.stores.read().await?;
+    if args.group.is_empty()
+        || args.group.len() > 40
+        || !args
+            .group
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        anyhow::bail!(
+            "CRM_WORKER_GROUP must be 1-40 characters of letters, digits, '-' or '_': {:?}",
+            args.group
+        );
+    }
+    let runner = runner_settings();
+    let settings = WorkerSettings {
+        partitions: args.partitions,
+        batch_size: runner.batch_size,
+        pause_per_event: runner.pause_per_event,
+        group: args.group.clone(),
+        bus: args.nats_url.as_ref().map(|nats_url| BusSettings {
+            nats_url: nats_url.clone(),
+            stream: args.nats_stream.clone(),
+            subject_prefix: args.nats_subject_prefix.clone(),
+            consumer_prefix: format!("{}-projections", args.group),
+        }),
+        ..WorkerSettings::default()
+    };
+    let worker = Worker::new(log.clone(), read.clone(), all_projections(), settings);
+    worker
         .install()
         .await
         .context("installing the projections")?;
     let (stop, stopping) = tokio::sync::watch::channel(false);
-    let workers = tokio::spawn(runner.run(stopping));
+    let workers = tokio::spawn(worker.run(stopping.clone()));
+    let reporter = tokio::spawn(crm_projection_service::status::report_progress(
+        read.clone(),
+        log.clone(),
+        stopping,
+    ));
     let status = QueryState::new(log.clone(), tokens.clone()).with_read_models(read.clone());
     let routes = crm_query_service::read::projection_status_routes()
         .with_state(status)
@@ -215,10 +308,11 @@ pub async fn projection_service(args: ServiceArgs) -> anyhow::Result<()> {
             read: Some(read),
         }))
         .merge(crate::telemetry::metrics_routes(tokens)?);
-    run_http_until("projection-service", args.http_addr, routes, stop).await?;
+    run_http_until("projection-service", args.service.http_addr, routes, stop).await?;
     if let Err(error) = workers.await {
         tracing::error!(%error, "projection workers ended abnormally");
     }
+    let _ = reporter.await;
     log.close().await;
     Ok(())
 }

@@ -362,6 +362,10 @@ impl Projection for AuditProjection {
         NAME
     }
 
+    fn stream_local(&self) -> bool {
+        true // an entry is built from its event alone
+    }
+
     fn version(&self) -> i64 {
         1
     }

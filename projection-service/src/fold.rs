@@ -104,6 +104,86 @@ pub async fn write_checkpoint(
     Ok(())
 }
 
+/// Where a batch moves a checkpoint. `from` must still be the stored value
+/// (compare-and-set): two workers can never both commit the same range.
+#[derive(Debug, Clone, Copy)]
+pub struct Advance<'a> {
+    pub name: &'a str,
+    pub generation: i64,
+    /// None: the generation's own checkpoint; Some(part): that partition's.
+    pub part: Option<i64>,
+    pub from: i64,
+    /// The last position of the window the batch covers (its events may be
+    /// fewer: a partition folds only its own streams' events).
+    pub to: i64,
+}
+
+/// Folds `events` and moves the checkpoint as `advance` says, in one
+/// transaction; nothing is written when the checkpoint had moved meanwhile.
+pub async fn fold_and_advance(
+    db: &ReadDb,
+    projection: &dyn Projection,
+    tables: &Tables,
+    events: &[RecordedEvent],
+    advance: Advance<'_>,
+    pause: Option<std::time::Duration>,
+) -> Result<(), FoldFailure> {
+    let whole = |error: sqlx::Error| FoldFailure {
+        event: None,
+        error: error.into(),
+    };
+    let mut tx = db.begin_write().await.map_err(whole)?;
+    for event in events {
+        if let Err(error) = projection.apply(&mut tx, tables, event).await {
+            return Err(FoldFailure {
+                event: Some(event.clone()),
+                error,
+            });
+        }
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    let moved = match advance.part {
+        Some(part) => crate::partition::advance(
+            &mut tx,
+            advance.name,
+            advance.generation,
+            part,
+            advance.from,
+            advance.to,
+        )
+        .await
+        .map_err(whole)?,
+        None => {
+            sqlx::query(
+                "UPDATE rm_projections SET checkpoint = $1, updated_at = $2
+                 WHERE name = $3 AND generation = $4 AND checkpoint = $5",
+            )
+            .bind(advance.to)
+            .bind(crate::readdb::timestamp(&chrono::Utc::now()))
+            .bind(advance.name.to_string())
+            .bind(advance.generation)
+            .bind(advance.from)
+            .execute(&mut *tx)
+            .await
+            .map_err(whole)?
+            .rows_affected()
+                == 1
+        }
+    };
+    if !moved {
+        return Err(FoldFailure {
+            event: None,
+            error: ProjectionError::CheckpointMoved {
+                name: advance.name.to_string(),
+                expected: advance.from,
+            },
+        });
+    }
+    tx.commit().await.map_err(whole)
+}
+
 /// Helpers for read-model tests: events as the log would hold them.
 pub mod testkit {
     use chrono::{DateTime, Utc};

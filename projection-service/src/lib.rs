@@ -6,9 +6,12 @@
 //! - read models: one module each (pipeline, history, audit, records, service levels)
 
 pub mod audit;
+pub mod bus;
 pub mod fold;
 pub mod history;
+pub mod lease;
 pub mod money;
+pub mod partition;
 pub mod pipeline;
 pub mod projection;
 pub mod readdb;
@@ -18,6 +21,7 @@ pub mod registry;
 pub mod runner;
 pub mod service_levels;
 pub mod status;
+pub mod worker;
 
 pub use projection::{Projection, ProjectionError, Tables};
 pub use readdb::ReadDb;

@@ -53,6 +53,10 @@ impl Projection for PipelineProjection {
         "pipeline"
     }
 
+    fn stream_local(&self) -> bool {
+        true // rows are keyed by the opportunity, built from its own events
+    }
+
     fn version(&self) -> i64 {
         1
     }

@@ -39,6 +39,10 @@ pub enum ProjectionError {
     Database(#[from] sqlx::Error),
     #[error("{0}")]
     Invalid(String),
+    /// The checkpoint was no longer where this batch started: another worker
+    /// folded the range meanwhile, so this batch was rolled back whole.
+    #[error("checkpoint of {name} moved away from {expected}: another worker folded this range")]
+    CheckpointMoved { name: String, expected: i64 },
 }
 
 /// A read model fed by the log.
@@ -55,6 +59,14 @@ pub trait Projection: Send + Sync + 'static {
 
     /// Base names of the tables `schema` creates (dropped with their generation).
     fn table_names(&self) -> Vec<&'static str>;
+
+    /// True when every row this projection writes for an event depends only on
+    /// that event's own stream (no lookups of rows other streams wrote): its
+    /// work may then be split by stream partition and folded out of global
+    /// order across streams (per-stream order still holds).
+    fn stream_local(&self) -> bool {
+        false
+    }
 
     /// Folds one event into the rows. Events of every stream type arrive, in
     /// log order; ignore the ones this read model does not use.

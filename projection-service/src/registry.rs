@@ -55,7 +55,7 @@ pub async fn ensure(db: &ReadDb) -> Result<(), sqlx::Error> {
     )
     .execute(&db.pool)
     .await?;
-    Ok(())
+    crate::partition::ensure(db).await
 }
 
 const COLUMNS: &str =
@@ -224,6 +224,7 @@ pub async fn collect_garbage(
             .bind(generation.generation)
             .execute(&db.pool)
             .await?;
+        crate::partition::forget(db, &generation.name, generation.generation).await?;
     }
     Ok(())
 }

@@ -60,42 +60,10 @@ impl Runner {
         }
     }
 
-    /// Gives every projection a serving generation: a fresh install starts at
-    /// generation 1; a projection whose version changed is rebuilt into a new
-    /// generation first (the old one serves meanwhile).
+    /// Gives every projection a serving generation (see [`install`]); this
+    /// runner folds in log order with one checkpoint per projection.
     pub async fn install(&self) -> Result<(), sqlx::Error> {
-        registry::ensure(&self.db).await?;
-        for projection in &self.projections {
-            registry::collect_garbage(&self.db, projection.as_ref(), true).await?;
-            match registry::active(&self.db, projection.name()).await? {
-                None => {
-                    let generation = registry::create_generation(
-                        &self.db,
-                        projection.as_ref(),
-                        registry::BUILDING,
-                    )
-                    .await?;
-                    registry::activate(&self.db, projection.name(), generation.generation).await?;
-                }
-                Some(active) if active.version != projection.version() => {
-                    tracing::info!(
-                        projection = projection.name(),
-                        from = active.version,
-                        to = projection.version(),
-                        "projection version changed: rebuilding"
-                    );
-                    crate::rebuild::rebuild(&self.log, &self.db, projection.as_ref(), |_, _| {})
-                        .await
-                        .map_err(|error| sqlx::Error::Protocol(error.to_string()))?;
-                }
-                Some(active) if active.is_failed() => {
-                    // A restart is a retry: the failure may have been transient.
-                    registry::clear_failure(&self.db, projection.name(), active.generation).await?;
-                }
-                Some(_) => {}
-            }
-        }
-        Ok(())
+        install(&self.log, &self.db, &self.projections, Folding::InLogOrder).await
     }
 
     /// Runs until `shutdown` turns true; call [`Runner::install`] first. Never
@@ -228,4 +196,84 @@ impl Runner {
             })
             .unwrap_or(true)
     }
+}
+
+/// How the caller will follow the log after [`install`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Folding {
+    /// One process, every projection in log order ([`Runner`]).
+    InLogOrder,
+    /// Distributed workers ([`crate::worker`]); stream-local projections are
+    /// split into this many partitions.
+    Partitioned(u32),
+    /// Installing only (`crm migrate`): generations stay as they are, split or not.
+    Undecided,
+}
+
+/// Gives every projection a serving generation: a fresh install starts at
+/// generation 1; a projection whose version changed is rebuilt into a new
+/// generation first (the old one serves meanwhile). A generation that
+/// partitioned workers split is rebuilt before a log-order runner follows it
+/// (its partitions stand at different positions). Abandoned rebuilds are
+/// collected only by the log-order runner: a worker starting must not drop a
+/// `crm rebuild` that is running beside it.
+pub async fn install(
+    log: &EventLog,
+    db: &ReadDb,
+    projections: &[Arc<dyn Projection>],
+    folding: Folding,
+) -> Result<(), sqlx::Error> {
+    registry::ensure(db).await?;
+    for projection in projections {
+        registry::collect_garbage(db, projection.as_ref(), folding == Folding::InLogOrder).await?;
+        let active = registry::active(db, projection.name()).await?;
+        let split = match &active {
+            Some(active) => crate::partition::checkpoints(db, projection.name(), active.generation)
+                .await?
+                .first()
+                .map(|first| first.parts),
+            None => None,
+        };
+        let rebuild_reason = match (&active, folding, split) {
+            (None, _, _) => {
+                let generation =
+                    registry::create_generation(db, projection.as_ref(), registry::BUILDING)
+                        .await?;
+                registry::activate(db, projection.name(), generation.generation).await?;
+                None
+            }
+            (Some(active), _, _) if active.version != projection.version() => Some(format!(
+                "version {} -> {}",
+                active.version,
+                projection.version()
+            )),
+            (Some(_), Folding::InLogOrder, Some(parts)) => Some(format!(
+                "split into {parts} partitions by distributed workers"
+            )),
+            (Some(active), Folding::Partitioned(want), Some(had)) if had != i64::from(want) => {
+                return Err(sqlx::Error::Protocol(format!(
+                    "projection {} (generation {}) is split into {had} partitions, this worker \
+                     was started with {want}: stop every worker, run `crm rebuild {}`, then \
+                     start the workers with the new count",
+                    projection.name(),
+                    active.generation,
+                    projection.name()
+                )));
+            }
+            (Some(active), _, _) => {
+                if active.is_failed() {
+                    // A restart is a retry: the failure may have been transient.
+                    registry::clear_failure(db, projection.name(), active.generation).await?;
+                }
+                None
+            }
+        };
+        if let Some(reason) = rebuild_reason {
+            tracing::info!(projection = projection.name(), %reason, "rebuilding the projection");
+            crate::rebuild::rebuild(log, db, projection.as_ref(), |_, _| {})
+                .await
+                .map_err(|error| sqlx::Error::Protocol(error.to_string()))?;
+        }
+    }
+    Ok(())
 }

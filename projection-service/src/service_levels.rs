@@ -39,6 +39,10 @@ impl Projection for ServiceLevelsProjection {
         "service_levels"
     }
 
+    fn stream_local(&self) -> bool {
+        true // rows are keyed by the case, built from its own events
+    }
+
     fn version(&self) -> i64 {
         1
     }

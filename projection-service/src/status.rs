@@ -97,3 +97,31 @@ pub async fn serving_at(
         pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
+
+/// Publishes every serving projection's position and lag behind the log as
+/// gauges (`crm_projection_position`, `crm_projection_lag_events`) once a
+/// second, until `shutdown`.
+pub async fn report_progress(
+    db: ReadDb,
+    log: EventLog,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    while !*shutdown.borrow() {
+        match status(&db, &log).await {
+            Ok(standings) => {
+                for standing in standings.iter().filter(|s| s.state == registry::ACTIVE) {
+                    let name = standing.name.clone();
+                    metrics::gauge!("crm_projection_position", "projection" => name.clone())
+                        .set(standing.position as f64);
+                    metrics::gauge!("crm_projection_lag_events", "projection" => name)
+                        .set(standing.lag as f64);
+                }
+            }
+            Err(error) => tracing::debug!(%error, "projection progress unavailable"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}

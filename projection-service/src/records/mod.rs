@@ -323,6 +323,10 @@ impl Projection for RecordsProjection {
         NAME
     }
 
+    fn stream_local(&self) -> bool {
+        true // a record is folded from its own stream only
+    }
+
     fn version(&self) -> i64 {
         1
     }
