@@ -65,6 +65,9 @@ impl Default for WorkerSettings {
     }
 }
 
+/// The unit of the read models that need log order across streams.
+const GLOBAL: &str = "global";
+
 /// A share of the work one worker owns at a time.
 #[derive(Clone)]
 struct Unit {
@@ -90,7 +93,7 @@ fn units(projections: &[Arc<dyn Projection>], parts: u32) -> Vec<Unit> {
         .collect();
     if !global.is_empty() {
         units.push(Unit {
-            name: "global".into(),
+            name: GLOBAL.into(),
             part: None,
             projections: global,
         });
@@ -177,6 +180,9 @@ impl Worker {
                 }
             }
             metrics::gauge!("crm_projection_units_owned").set(owned.len() as f64);
+            if owned.contains_key(GLOBAL) {
+                self.collect_garbage().await;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(self.shared.settings.rebalance_interval) => {}
                 _ = shutdown.changed() => {}
@@ -185,6 +191,18 @@ impl Worker {
         stop_all(&mut owned).await;
         if let Some(leases) = leases {
             leases.close().await;
+        }
+    }
+
+    /// Drops the tables of generations a rebuild retired (the worker holding
+    /// the global unit does it, so one worker per deployment).
+    async fn collect_garbage(&self) {
+        for projection in &self.projections {
+            if let Err(error) =
+                registry::collect_garbage(&self.shared.db, projection.as_ref(), false).await
+            {
+                tracing::debug!(projection = projection.name(), %error, "dropping retired generations failed");
+            }
         }
     }
 
@@ -274,6 +292,9 @@ async fn run_unit(shared: Arc<Shared>, unit: Unit, mut stop: watch::Receiver<boo
     let mut bus_retry_at = Instant::now();
     let mut head = shared.log.subscribe();
     let mut behind = false;
+    // Bus messages ahead of the checkpoint, kept (unacknowledged) while the
+    // log fills the hole before them, so the bus can take over again after.
+    let mut delivered: Vec<Delivered> = Vec::new();
     loop {
         if *stop.borrow() {
             return;
@@ -301,16 +322,17 @@ async fn run_unit(shared: Arc<Shared>, unit: Unit, mut stop: watch::Receiver<boo
             pause(settings.poll_interval, &mut stop).await;
             continue;
         };
-        let delivered = match consumer.as_mut() {
+        let fetched = match consumer.as_mut() {
+            Some(_) if delivered.len() >= batch => Vec::new(),
             Some(open) => {
-                let wait = if behind {
+                let wait = if behind || !delivered.is_empty() {
                     Duration::ZERO
                 } else {
                     settings.poll_interval
                 };
                 tokio::select! {
                     next = open.next_batch(wait, batch) => match next {
-                        Ok(delivered) => delivered,
+                        Ok(fetched) => fetched,
                         Err(error) => {
                             tracing::warn!(unit = %unit.name, %error, "JetStream consumer failed; following the log");
                             consumer = None;
@@ -323,6 +345,7 @@ async fn run_unit(shared: Arc<Shared>, unit: Unit, mut stop: watch::Receiver<boo
             }
             None => Vec::new(),
         };
+        delivered.extend(fetched);
         let mut window = contiguous(&delivered, start);
         let mut from_log = 0;
         if window.is_empty() {
@@ -359,7 +382,7 @@ async fn run_unit(shared: Arc<Shared>, unit: Unit, mut stop: watch::Receiver<boo
         let from_bus = window.len() - from_log;
         behind = from_log >= batch;
         if window.is_empty() {
-            acknowledge(&delivered).await;
+            delivered = acknowledge_up_to(delivered, start).await;
             settle(&shared, &standings).await;
             if consumer.is_none() {
                 tokio::select! {
@@ -377,7 +400,8 @@ async fn run_unit(shared: Arc<Shared>, unit: Unit, mut stop: watch::Receiver<boo
         for standing in &standings {
             fold_standing(&shared, standing, &window).await;
         }
-        acknowledge(&delivered).await;
+        let end = window.last().map_or(start, |event| event.position);
+        delivered = acknowledge_up_to(delivered, end).await;
     }
 }
 
@@ -419,10 +443,17 @@ fn contiguous(delivered: &[Delivered], start: i64) -> Vec<RecordedEvent> {
         .collect()
 }
 
-async fn acknowledge(delivered: &[Delivered]) {
+/// Acknowledges the messages at or before `position` (and undecodable ones);
+/// returns the rest, still to be folded.
+async fn acknowledge_up_to(delivered: Vec<Delivered>, position: i64) -> Vec<Delivered> {
+    let mut ahead = Vec::new();
     for message in delivered {
-        message.ack().await;
+        match &message.event {
+            Some(event) if event.position > position => ahead.push(message),
+            _ => message.ack().await,
+        }
     }
+    ahead
 }
 
 async fn pause(duration: Duration, stop: &mut watch::Receiver<bool>) {
@@ -489,6 +520,16 @@ async fn standings(shared: &Shared, unit: &Unit) -> Result<Vec<Standing>, sqlx::
         });
     }
     Ok(standings)
+}
+
+/// Whether `generation` is still the serving one (a rebuild may have
+/// replaced it and a worker dropped its tables under a running batch).
+async fn still_serving(shared: &Shared, generation: &Generation) -> bool {
+    match registry::active(&shared.db, &generation.name).await {
+        Ok(Some(active)) => active.generation == generation.generation,
+        Ok(None) => false,
+        Err(_) => true,
+    }
 }
 
 fn due_for_retry(generation: &Generation, after: Duration) -> bool {
@@ -567,6 +608,12 @@ async fn fold_standing(shared: &Shared, standing: &Standing, window: &[RecordedE
             ..
         }) if is_transient(&error) => {
             tracing::debug!(projection = name, %error, "transient read-model error; retrying");
+        }
+        Err(FoldFailure { event: Some(_), .. }) if !still_serving(shared, generation).await => {
+            tracing::info!(
+                projection = name,
+                "generation replaced by a rebuild mid-batch; moving on"
+            );
         }
         Err(FoldFailure {
             event: Some(bad),
