@@ -177,7 +177,7 @@ impl Executor {
             .log
             .idempotency_record(&ctx.actor.tenant, key)
             .await
-            .map_err(|error| Problem::internal(&error))?;
+            .map_err(|error| Problem::from_log(&error))?;
         record.map(|record| replayed(ctx, &record)).transpose()
     }
 
@@ -313,7 +313,7 @@ impl Executor {
             }
             Ok(AppendOutcome::Duplicate(record)) => Ok(Appended::Replayed(replayed(ctx, &record)?)),
             Err(LogError::Conflict { .. }) => Ok(Appended::Conflict),
-            Err(error) => Err(Problem::internal(&error)),
+            Err(error) => Err(Problem::from_log(&error)),
         }
     }
 
@@ -335,7 +335,7 @@ impl Executor {
                 .log
                 .read_stream(tenant, A::TYPE, stream_id, loaded.version, CATCH_UP_PAGE)
                 .await
-                .map_err(|error| Problem::internal(&error))?;
+                .map_err(|error| Problem::from_log(&error))?;
             self.events_loaded
                 .fetch_add(events.len() as u64, Ordering::Relaxed);
             let page_len = events.len() as i64;
@@ -371,7 +371,7 @@ impl Executor {
             .log
             .load_snapshot(tenant, A::TYPE, stream_id)
             .await
-            .map_err(|error| Problem::internal(&error))?;
+            .map_err(|error| Problem::from_log(&error))?;
         let decoded = snapshot.and_then(|snapshot| {
             // A snapshot of an older state shape is ignored: the events rebuild it.
             serde_json::from_value::<Loaded<A>>(snapshot.state).ok()
@@ -431,7 +431,7 @@ impl Executor {
                     .log
                     .read_stream(&ctx.actor.tenant, A::TYPE, stream_id, 0, 1)
                     .await
-                    .map_err(|error| Problem::internal(&error))?;
+                    .map_err(|error| Problem::from_log(&error))?;
                 let creation = first
                     .first()
                     .ok_or_else(|| Problem::internal(&"stream without events"))?;

@@ -124,14 +124,11 @@ pub fn routes(app: App) -> Router {
             "/v1/cases/{id}/reopen",
             metered("case", "reopen", post(cases::reopen)),
         )
-        .route(
-            "/v1/streams/{stream_type}/{id}/events",
-            get(streams::events),
-        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
-        .with_state(app)
+        .with_state(app.clone())
+        .merge(history_routes(app))
 }
 
 /// Raw history of one stream (`GET /v1/streams/{stream_type}/{id}/events`)

@@ -1,6 +1,7 @@
 //! `crm`: the one binary a user installs. `crm serve` runs the service on the
 //! embedded store; `crm token issue` prints a bearer token.
 
+mod grpc;
 mod health;
 mod rebuild;
 mod secret;

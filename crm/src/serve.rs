@@ -88,33 +88,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.http_addr))?;
     let address = listener.local_addr()?;
-    // gRPC answers through the same router, in-process: same auth,
-    // validation, problems and metrics as HTTP.
     let grpc_task = match args.grpc_addr {
         Some(grpc_addr) => {
-            let grpc_listener = tokio::net::TcpListener::bind(grpc_addr)
-                .await
-                .with_context(|| format!("binding gRPC {grpc_addr}"))?;
-            let grpc_address = grpc_listener.local_addr()?;
-            tracing::info!(address = %grpc_address, "gRPC serving");
-            println!("crm gRPC listening on http://{grpc_address}");
-            let mut stopping = stopping.clone();
-            let shutdown = async move {
-                let _ = stopping.wait_for(|stop| *stop).await;
-            };
-            let router = router.clone();
-            Some(tokio::spawn(async move {
-                if let Err(error) = crm_command_service::grpc::serve(
-                    grpc_listener,
-                    router.clone(),
-                    router,
-                    shutdown,
-                )
-                .await
-                {
-                    tracing::error!(%error, "gRPC server stopped");
-                }
-            }))
+            let front = crate::grpc::Front::CommandsAndQueries;
+            let (bound, task) =
+                crate::grpc::spawn(grpc_addr, router.clone(), front, stopping.clone()).await?;
+            println!("crm gRPC listening on http://{bound}");
+            Some(task)
         }
         None => None,
     };

@@ -17,6 +17,7 @@ use crm_projection_service::worker::{Worker, WorkerSettings};
 use crm_projection_service::{all_projections, ReadDb};
 use crm_query_service::{LiveSettings, QueryState};
 
+use crate::grpc;
 use crate::health::{self, Dependencies};
 use crate::serve::{init_tracing, openapi_route, runner_settings, shutdown_signal};
 
@@ -115,7 +116,7 @@ pub struct ProjectionArgs {
     #[arg(long, env = "CRM_PARTITIONS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     partitions: u32,
     /// Workers of one deployment share units, leases and consumer names by this name.
-    #[arg(long, env = "CRM_WORKER_GROUP", default_value = "crm")]
+    #[arg(long, env = "CRM_WORKER_GROUP", default_value = "crm", value_parser = parse_group)]
     group: String,
     /// NATS with JetStream: units read events from durable consumers there
     /// (the log fills any gap); log only when unset.
@@ -127,6 +128,20 @@ pub struct ProjectionArgs {
     /// The relay's subject prefix.
     #[arg(long, env = "CRM_NATS_SUBJECT_PREFIX", default_value = "crm")]
     nats_subject_prefix: String,
+}
+
+/// A worker group name: it goes into lease keys, the lease connection's
+/// application name and JetStream consumer names.
+fn parse_group(text: &str) -> Result<String, String> {
+    let valid = (1..=40).contains(&text.len())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err("1-40 characters of letters, digits, '-' or '_'".to_string())
+    }
 }
 
 /// `crm migrate`: brings the event log and the read models to the current
@@ -171,22 +186,10 @@ pub async fn command_service(args: CommandArgs) -> anyhow::Result<()> {
         }));
     }
     if let Some(address) = args.grpc_addr {
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .with_context(|| format!("binding gRPC {address}"))?;
-        tracing::info!(address = %listener.local_addr()?, "gRPC serving");
         let router = crm_service_kit::http::stack(crm_command_service::routes(app.clone()));
-        let mut stopping = stopping.clone();
-        let shutdown = async move {
-            let _ = stopping.wait_for(|stop| *stop).await;
-        };
-        background.push(tokio::spawn(async move {
-            if let Err(error) =
-                crm_command_service::grpc::serve(listener, router.clone(), router, shutdown).await
-            {
-                tracing::error!(%error, "gRPC server stopped");
-            }
-        }));
+        let front = grpc::Front::CommandsAndQueries;
+        let (_, task) = grpc::spawn(address, router, front, stopping.clone()).await?;
+        background.push(task);
     }
     let routes = crm_command_service::routes(app)
         .merge(crate::telemetry::metrics_routes(tokens)?)
@@ -224,22 +227,13 @@ pub async fn query_service(args: QueryArgs) -> anyhow::Result<()> {
     let reads = crm_query_service::routes(queries).merge(history);
     let mut grpc = None;
     if let Some(address) = grpc_addr {
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .with_context(|| format!("binding gRPC {address}"))?;
-        tracing::info!(address = %listener.local_addr()?, "gRPC serving");
         let router = crm_service_kit::http::stack(reads.clone());
-        let mut stopping = stopping.clone();
-        let shutdown = async move {
-            let _ = stopping.wait_for(|stop| *stop).await;
-        };
-        grpc = Some(tokio::spawn(async move {
-            if let Err(error) =
-                crm_command_service::grpc::serve_queries(listener, router, shutdown).await
-            {
-                tracing::error!(%error, "gRPC server stopped");
-            }
-        }));
+        let front = grpc::Front::Queries;
+        grpc = Some(
+            grpc::spawn(address, router, front, stopping.clone())
+                .await?
+                .1,
+        );
     }
     let routes = reads
         .merge(health::routes(Dependencies {
@@ -262,18 +256,6 @@ pub async fn projection_service(args: ProjectionArgs) -> anyhow::Result<()> {
     let tokens = args.service.tokens()?;
     let log = args.service.stores.log().await?;
     let read = args.service.stores.read().await?;
-    if args.group.is_empty()
-        || args.group.len() > 40
-        || !args
-            .group
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        anyhow::bail!(
-            "CRM_WORKER_GROUP must be 1-40 characters of letters, digits, '-' or '_': {:?}",
-            args.group
-        );
-    }
     let runner = runner_settings();
     let settings = WorkerSettings {
         partitions: args.partitions,

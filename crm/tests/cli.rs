@@ -94,3 +94,26 @@ fn a_configured_secret_signs_without_touching_the_data_dir() {
     assert!(output.status.success());
     assert!(!dir.path().join("token-secret").exists());
 }
+
+#[test]
+fn a_worker_group_that_cannot_name_leases_and_consumers_is_refused() {
+    // Dots and wildcards would change JetStream consumer names; refused
+    // before anything connects.
+    for bad in ["a.b", "crm>", "", &"x".repeat(41)] {
+        let output = crm()
+            .args([
+                "projection-service",
+                "--database-url",
+                "postgres://unused",
+                "--token-secret",
+            ])
+            .arg("0123456789abcdef0123456789abcdef")
+            .args(["--group", bad])
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{bad:?} accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("--group"), "{stderr}");
+        assert!(stderr.contains("1-40 characters"), "{stderr}");
+    }
+}

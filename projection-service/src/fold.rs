@@ -1,10 +1,12 @@
 //! Creating a generation's tables and folding a batch of events into them
-//! together with the projection's checkpoint, in one transaction.
+//! together with the projection's checkpoint, in one transaction; and what
+//! happens when a projection cannot fold an event ([`fold_or_stop`]).
 
 use crm_eventlog::RecordedEvent;
 
-use crate::projection::{Projection, ProjectionError, Tables};
-use crate::readdb::ReadDb;
+use crate::projection::{Projection, ProjectionError, Tables, Tx};
+use crate::readdb::{is_transient, ReadDb};
+use crate::registry::{self, Generation};
 
 /// Creates the tables of one generation (idempotent: `IF NOT EXISTS` DDL).
 pub async fn create_tables(
@@ -42,68 +44,6 @@ pub struct FoldFailure {
     pub error: ProjectionError,
 }
 
-/// Folds `events` and runs `finish` (e.g. the checkpoint update) in the same
-/// transaction; all or nothing.
-pub async fn fold_batch(
-    db: &ReadDb,
-    projection: &dyn Projection,
-    tables: &Tables,
-    events: &[RecordedEvent],
-    checkpoint: Option<(&str, i64)>,
-) -> Result<(), FoldFailure> {
-    fold_batch_paced(db, projection, tables, events, checkpoint, None).await
-}
-
-/// [`fold_batch`] with an optional pause after each event (a test knob that
-/// makes a crash land inside a batch).
-pub async fn fold_batch_paced(
-    db: &ReadDb,
-    projection: &dyn Projection,
-    tables: &Tables,
-    events: &[RecordedEvent],
-    checkpoint: Option<(&str, i64)>,
-    pause: Option<std::time::Duration>,
-) -> Result<(), FoldFailure> {
-    let whole = |error: sqlx::Error| FoldFailure {
-        event: None,
-        error: error.into(),
-    };
-    let mut tx = db.begin_write().await.map_err(whole)?;
-    for event in events {
-        if let Err(error) = projection.apply(&mut tx, tables, event).await {
-            return Err(FoldFailure {
-                event: Some(event.clone()),
-                error,
-            });
-        }
-        if let Some(pause) = pause {
-            tokio::time::sleep(pause).await;
-        }
-    }
-    write_checkpoint(&mut tx, checkpoint, events)
-        .await
-        .map_err(whole)?;
-    tx.commit().await.map_err(whole)
-}
-
-/// Moves the checkpoint of `(projection, generation)` to the last event's position.
-pub async fn write_checkpoint(
-    tx: &mut crate::projection::Tx,
-    checkpoint: Option<(&str, i64)>,
-    events: &[RecordedEvent],
-) -> Result<(), sqlx::Error> {
-    if let (Some((name, generation)), Some(last)) = (checkpoint, events.last()) {
-        sqlx::query("UPDATE rm_projections SET checkpoint = $1, updated_at = $2 WHERE name = $3 AND generation = $4")
-            .bind(last.position)
-            .bind(crate::readdb::timestamp(&chrono::Utc::now()))
-            .bind(name.to_string())
-            .bind(generation)
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(())
-}
-
 /// Where a batch moves a checkpoint. `from` must still be the stored value
 /// (compare-and-set): two workers can never both commit the same range.
 #[derive(Debug, Clone, Copy)]
@@ -118,21 +58,45 @@ pub struct Advance<'a> {
     pub to: i64,
 }
 
-/// Folds `events` and moves the checkpoint as `advance` says, in one
-/// transaction; nothing is written when the checkpoint had moved meanwhile.
-pub async fn fold_and_advance(
+/// Folds `events` and, when given, moves the checkpoint as `advance` says,
+/// in one transaction: all or nothing, and nothing when the checkpoint had
+/// moved meanwhile.
+pub async fn fold_batch(
     db: &ReadDb,
     projection: &dyn Projection,
     tables: &Tables,
     events: &[RecordedEvent],
-    advance: Advance<'_>,
+    advance: Option<Advance<'_>>,
+) -> Result<(), FoldFailure> {
+    fold_batch_paced(db, projection, tables, events, advance, None).await
+}
+
+/// [`fold_batch`] with an optional pause after each event (a test knob that
+/// makes a crash land inside a batch).
+pub async fn fold_batch_paced(
+    db: &ReadDb,
+    projection: &dyn Projection,
+    tables: &Tables,
+    events: &[RecordedEvent],
+    advance: Option<Advance<'_>>,
     pause: Option<std::time::Duration>,
 ) -> Result<(), FoldFailure> {
-    let whole = |error: sqlx::Error| FoldFailure {
-        event: None,
-        error: error.into(),
-    };
-    let mut tx = db.begin_write().await.map_err(whole)?;
+    let mut tx = db.begin_write().await?;
+    // The checkpoint is claimed before any row is written: a worker holding a
+    // stale view stops here (on PostgreSQL it waits for the row lock of the
+    // one that moved it, then finds it moved) instead of folding the range a
+    // second time.
+    if let Some(advance) = advance {
+        if !claim(&mut tx, advance).await? {
+            return Err(FoldFailure {
+                event: None,
+                error: ProjectionError::CheckpointMoved {
+                    name: advance.name.to_string(),
+                    expected: advance.from,
+                },
+            });
+        }
+    }
     for event in events {
         if let Err(error) = projection.apply(&mut tx, tables, event).await {
             return Err(FoldFailure {
@@ -144,44 +108,125 @@ pub async fn fold_and_advance(
             tokio::time::sleep(pause).await;
         }
     }
-    let moved = match advance.part {
-        Some(part) => crate::partition::advance(
-            &mut tx,
-            advance.name,
-            advance.generation,
-            part,
-            advance.from,
-            advance.to,
-        )
-        .await
-        .map_err(whole)?,
-        None => {
-            sqlx::query(
-                "UPDATE rm_projections SET checkpoint = $1, updated_at = $2
-                 WHERE name = $3 AND generation = $4 AND checkpoint = $5",
-            )
-            .bind(advance.to)
-            .bind(crate::readdb::timestamp(&chrono::Utc::now()))
-            .bind(advance.name.to_string())
-            .bind(advance.generation)
-            .bind(advance.from)
-            .execute(&mut *tx)
-            .await
-            .map_err(whole)?
-            .rows_affected()
-                == 1
-        }
-    };
-    if !moved {
-        return Err(FoldFailure {
-            event: None,
-            error: ProjectionError::CheckpointMoved {
-                name: advance.name.to_string(),
-                expected: advance.from,
-            },
-        });
+    if let Some(Advance {
+        name,
+        generation,
+        part: Some(_),
+        ..
+    }) = advance
+    {
+        // Last, so partitions folding in parallel hold the generation's row only briefly.
+        crate::partition::level_serving(&mut *tx, name, generation).await?;
     }
-    tx.commit().await.map_err(whole)
+    Ok(tx.commit().await?)
+}
+
+/// Compare-and-set of the checkpoint `advance` names; false when it was not at `from`.
+async fn claim(tx: &mut Tx, advance: Advance<'_>) -> Result<bool, sqlx::Error> {
+    let Advance {
+        name,
+        generation,
+        part,
+        from,
+        to,
+    } = advance;
+    if let Some(part) = part {
+        return crate::partition::claim(tx, name, generation, part, from, to).await;
+    }
+    let moved = sqlx::query(
+        "UPDATE rm_projections SET checkpoint = $1, updated_at = $2
+         WHERE name = $3 AND generation = $4 AND checkpoint = $5",
+    )
+    .bind(to)
+    .bind(crate::readdb::timestamp(&chrono::Utc::now()))
+    .bind(name.to_string())
+    .bind(generation)
+    .bind(from)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(moved == 1)
+}
+
+impl From<sqlx::Error> for FoldFailure {
+    /// A failure of the batch as a whole (begin, checkpoint, commit).
+    fn from(error: sqlx::Error) -> Self {
+        FoldFailure {
+            event: None,
+            error: error.into(),
+        }
+    }
+}
+
+/// Folds a batch into a serving generation. An event the projection cannot
+/// fold stops it there: everything before it is kept and the failure is
+/// recorded on the generation (which is retried later). Returns how many
+/// events were folded. Failures that say nothing about the events (a lost
+/// connection, contention, the checkpoint moved, the generation replaced by a
+/// rebuild meanwhile) are returned for the caller to retry.
+pub async fn fold_or_stop(
+    db: &ReadDb,
+    projection: &dyn Projection,
+    generation: &Generation,
+    events: &[RecordedEvent],
+    advance: Advance<'_>,
+    pause: Option<std::time::Duration>,
+) -> Result<usize, FoldFailure> {
+    let tables = generation.tables();
+    let name = projection.name();
+    let failure =
+        match fold_batch_paced(db, projection, &tables, events, Some(advance), pause).await {
+            Ok(()) => {
+                record_folded(name, events);
+                return Ok(events.len());
+            }
+            Err(failure) => failure,
+        };
+    let bad = match &failure {
+        FoldFailure {
+            event: Some(bad),
+            error,
+        } if !matches!(error, ProjectionError::Database(e) if is_transient(e)) => bad.clone(),
+        _ => return Err(failure),
+    };
+    if !registry::is_serving(db, generation).await? {
+        return Err(failure);
+    }
+    let good = &events[..events
+        .iter()
+        .take_while(|e| e.position < bad.position)
+        .count()];
+    let kept = Advance {
+        to: bad.position - 1,
+        ..advance
+    };
+    fold_batch(db, projection, &tables, good, Some(kept)).await?;
+    record_folded(name, good);
+    tracing::error!(projection = name, event_id = %bad.event_id, position = bad.position,
+        error = %failure.error, "projection stopped at an event it cannot fold");
+    metrics::counter!("crm_projection_failures_total", "projection" => name).increment(1);
+    let event_id = bad.event_id.to_string();
+    registry::record_failure(
+        db,
+        &generation.name,
+        generation.generation,
+        Some((event_id.as_str(), bad.position)),
+        &failure.error.to_string(),
+    )
+    .await?;
+    Ok(good.len())
+}
+
+/// Counts folded events and how long after their commit they were folded.
+fn record_folded(projection: &'static str, events: &[RecordedEvent]) {
+    metrics::counter!("crm_projection_events_total", "projection" => projection)
+        .increment(events.len() as u64);
+    let now = chrono::Utc::now();
+    let delay = metrics::histogram!("crm_projection_delay_seconds", "projection" => projection);
+    for event in events {
+        let since_commit = now.signed_duration_since(event.recorded_at);
+        delay.record(since_commit.to_std().unwrap_or_default().as_secs_f64());
+    }
 }
 
 /// Helpers for read-model tests: events as the log would hold them.

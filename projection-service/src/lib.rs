@@ -3,6 +3,11 @@
 //!
 //! - [`readdb`]: the read-model database (SQLite or PostgreSQL through sqlx `Any`)
 //! - [`projection`]: the `Projection` trait and versioned table names
+//! - [`fold`]: a batch and its checkpoint in one transaction; [`registry`]:
+//!   generations; [`rebuild`]; [`status`]: positions and lag
+//! - [`runner`]: one process following the log in order (`crm serve`)
+//! - [`worker`]: distributed workers (`crm projection-service`): units per
+//!   [`partition`], owned through [`lease`]s, fed by JetStream ([`bus`])
 //! - read models: one module each (pipeline, history, audit, records, service levels)
 
 pub mod audit;

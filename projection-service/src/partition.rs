@@ -102,10 +102,10 @@ pub async fn split(
     tx.commit().await
 }
 
-/// Moves partition `part` from `from` to `to` (compare-and-set) and the
-/// generation's serving checkpoint to the lowest partition checkpoint, inside
-/// the batch's transaction. Returns false when the partition was not at `from`.
-pub async fn advance(
+/// Moves partition `part` from `from` to `to` (compare-and-set) inside the
+/// batch's transaction; false when the partition was not at `from`. Call
+/// [`level_serving`] in the same transaction once the rows are written.
+pub async fn claim(
     tx: &mut crate::projection::Tx,
     name: &str,
     generation: i64,
@@ -127,17 +127,17 @@ pub async fn advance(
     .execute(&mut **tx)
     .await?
     .rows_affected();
-    if moved != 1 {
-        return Ok(false);
-    }
-    level_serving(&mut **tx, name, generation).await?;
-    Ok(true)
+    Ok(moved == 1)
 }
 
 /// Sets the generation's checkpoint to the lowest of its partitions'. Another
 /// partition committing at the same moment may leave it a little low (never
 /// high); workers call [`refresh_serving`] when idle to settle it.
-async fn level_serving<'c, E>(executor: E, name: &str, generation: i64) -> Result<(), sqlx::Error>
+pub async fn level_serving<'c, E>(
+    executor: E,
+    name: &str,
+    generation: i64,
+) -> Result<(), sqlx::Error>
 where
     E: sqlx::Executor<'c, Database = sqlx::Any>,
 {

@@ -86,30 +86,18 @@ impl ReadDb {
 /// Whether a database error is worth retrying as is (lock contention, a lost
 /// connection) rather than a sign that the event or the projection is wrong.
 pub fn is_transient(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(database) => {
-            let code = database
-                .code()
-                .map(|code| code.into_owned())
-                .unwrap_or_default();
-            // SQLite: BUSY (5), LOCKED (6) and their extended codes; PostgreSQL:
-            // serialization failure, deadlock, admin shutdown, connection classes.
-            let sqlite_busy = code
-                .parse::<i64>()
-                .is_ok_and(|code| matches!(code & 0xff, 5 | 6));
-            sqlite_busy
-                || matches!(
-                    code.as_str(),
-                    "40001" | "40P01" | "57P01" | "57P02" | "57P03"
-                )
-                || code.starts_with("08")
-        }
-        _ => false,
+    if crm_eventlog::LogError::sqlx_is_unavailable(error) {
+        return true;
     }
+    let sqlx::Error::Database(database) = error else {
+        return false;
+    };
+    let code = database.code().unwrap_or_default();
+    // SQLite: BUSY (5), LOCKED (6) and their extended codes; PostgreSQL:
+    // serialization failure and deadlock.
+    code.parse::<i64>()
+        .is_ok_and(|code| matches!(code & 0xff, 5 | 6))
+        || matches!(code.as_ref(), "40001" | "40P01")
 }
 
 /// Timestamps in the read models: RFC 3339 UTC with microseconds, so text order is time order.

@@ -3,7 +3,7 @@
 
 use crm_eventlog::EventLog;
 
-use crate::fold::fold_batch;
+use crate::fold::{fold_batch, Advance};
 use crate::projection::Projection;
 use crate::readdb::ReadDb;
 use crate::registry;
@@ -40,12 +40,18 @@ pub async fn rebuild(
     registry::ensure(db).await?;
     let generation = registry::create_generation(db, projection, registry::BUILDING).await?;
     let tables = generation.tables();
-    let checkpoint = Some((generation.name.as_str(), generation.generation));
     let mut position = 0;
     loop {
         let head = log.head_position().await?;
         let events = log.read_all(position, REBUILD_BATCH).await?;
-        if let Err(failure) = fold_batch(db, projection, &tables, &events, checkpoint).await {
+        let advance = events.last().map(|last| Advance {
+            name: &generation.name,
+            generation: generation.generation,
+            part: None,
+            from: position,
+            to: last.position,
+        });
+        if let Err(failure) = fold_batch(db, projection, &tables, &events, advance).await {
             let (event_id, at) = failure
                 .event
                 .as_ref()

@@ -36,6 +36,17 @@ impl Generation {
     pub fn is_failed(&self) -> bool {
         self.error.is_some()
     }
+
+    /// Whether a failed generation has waited `after` since it failed (a
+    /// failure may be transient; it is retried after that pause).
+    pub fn failed_long_enough(&self, after: std::time::Duration) -> bool {
+        chrono::DateTime::parse_from_rfc3339(&self.updated_at)
+            .map(|failed_at| {
+                let elapsed = chrono::Utc::now().signed_duration_since(failed_at);
+                elapsed.to_std().unwrap_or_default() >= after
+            })
+            .unwrap_or(true)
+    }
 }
 
 /// Creates the registry table.
@@ -95,6 +106,14 @@ pub async fn active(db: &ReadDb, name: &str) -> Result<Option<Generation>, sqlx:
     .fetch_optional(&db.pool)
     .await?;
     row.as_ref().map(from_row).transpose()
+}
+
+/// Whether `generation` is still the serving one (a rebuild may have replaced
+/// it, and its tables be dropped, under a running batch).
+pub async fn is_serving(db: &ReadDb, generation: &Generation) -> Result<bool, sqlx::Error> {
+    Ok(active(db, &generation.name)
+        .await?
+        .is_some_and(|active| active.generation == generation.generation))
 }
 
 /// Starts a new generation in `state` with its tables, numbered after every earlier one.

@@ -8,9 +8,9 @@ use std::time::Duration;
 use crm_eventlog::{EventLog, RecordedEvent};
 use tokio::sync::watch;
 
-use crate::fold::{fold_batch, fold_batch_paced, FoldFailure};
+use crate::fold::{fold_or_stop, Advance};
 use crate::projection::{Projection, ProjectionError};
-use crate::readdb::{is_transient, ReadDb};
+use crate::readdb::ReadDb;
 use crate::registry::{self, Generation};
 
 /// How the runner paces itself.
@@ -105,7 +105,7 @@ impl Runner {
             return Ok(0);
         };
         if generation.is_failed() {
-            if !self.should_retry(&generation) {
+            if !generation.failed_long_enough(self.settings.retry_failed_after) {
                 return Ok(0);
             }
             registry::clear_failure(&self.db, &generation.name, generation.generation).await?;
@@ -127,74 +127,24 @@ impl Runner {
         generation: &Generation,
         events: &[RecordedEvent],
     ) -> Result<usize, sqlx::Error> {
-        let checkpoint = Some((generation.name.as_str(), generation.generation));
-        let tables = generation.tables();
+        let Some(last) = events.last() else {
+            return Ok(0);
+        };
+        let advance = Advance {
+            name: &generation.name,
+            generation: generation.generation,
+            part: None,
+            from: generation.checkpoint,
+            to: last.position,
+        };
         let pause = self.settings.pause_per_event;
-        let outcome =
-            fold_batch_paced(&self.db, projection, &tables, events, checkpoint, pause).await;
-        let name = projection.name();
-        match outcome {
-            Ok(()) => {
-                let last = events
-                    .last()
-                    .map_or(generation.checkpoint, |event| event.position);
-                metrics::gauge!("crm_projection_position", "projection" => name).set(last as f64);
-                metrics::counter!("crm_projection_events_total", "projection" => name)
-                    .increment(events.len() as u64);
-                Ok(events.len())
-            }
-            Err(FoldFailure {
-                error: ProjectionError::Database(error),
-                ..
-            }) if is_transient(&error) => {
-                // Contention or a lost connection says nothing about the event: retry the batch.
-                tracing::debug!(projection = name, %error, "transient read-model error; retrying");
-                Err(error)
-            }
-            Err(FoldFailure {
-                event: Some(bad),
-                error,
-            }) => {
-                // Keep everything before the bad event, stop exactly at it.
-                let good = events
-                    .iter()
-                    .take_while(|event| event.position < bad.position)
-                    .count();
-                if good > 0 {
-                    if let Err(failure) =
-                        fold_batch(&self.db, projection, &tables, &events[..good], checkpoint).await
-                    {
-                        return Err(sqlx::Error::Protocol(failure.error.to_string()));
-                    }
-                }
-                tracing::error!(projection = projection.name(), event_id = %bad.event_id, position = bad.position,
-                    %error, "projection stopped at an event it cannot fold");
-                metrics::counter!("crm_projection_failures_total", "projection" => name)
-                    .increment(1);
-                let event_id = bad.event_id.to_string();
-                registry::record_failure(
-                    &self.db,
-                    &generation.name,
-                    generation.generation,
-                    Some((event_id.as_str(), bad.position)),
-                    &error.to_string(),
-                )
-                .await?;
-                Ok(good)
-            }
-            Err(FoldFailure { event: None, error }) => {
-                Err(sqlx::Error::Protocol(error.to_string()))
-            }
-        }
-    }
-
-    fn should_retry(&self, generation: &Generation) -> bool {
-        chrono::DateTime::parse_from_rfc3339(&generation.updated_at)
-            .map(|failed_at| {
-                let elapsed = chrono::Utc::now().signed_duration_since(failed_at);
-                elapsed.to_std().unwrap_or_default() >= self.settings.retry_failed_after
+        fold_or_stop(&self.db, projection, generation, events, advance, pause)
+            .await
+            .map_err(|failure| match failure.error {
+                // Contention or a lost connection: the batch is retried as is.
+                ProjectionError::Database(error) => error,
+                other => sqlx::Error::Protocol(other.to_string()),
             })
-            .unwrap_or(true)
     }
 }
 

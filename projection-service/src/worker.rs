@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::bus::{self, BusSettings, Delivered, UnitConsumer};
-use crate::fold::{fold_and_advance, Advance, FoldFailure};
+use crate::fold::{fold_or_stop, Advance, FoldFailure};
 use crate::lease::{fair_share, Leases};
 use crate::partition::{self, partition_of};
 use crate::projection::{Projection, ProjectionError};
@@ -473,7 +473,7 @@ async fn standings(shared: &Shared, unit: &Unit) -> Result<Vec<Standing>, sqlx::
             continue;
         };
         if generation.is_failed() {
-            if !due_for_retry(&generation, shared.settings.retry_failed_after) {
+            if !generation.failed_long_enough(shared.settings.retry_failed_after) {
                 continue;
             }
             registry::clear_failure(&shared.db, &generation.name, generation.generation).await?;
@@ -522,25 +522,6 @@ async fn standings(shared: &Shared, unit: &Unit) -> Result<Vec<Standing>, sqlx::
     Ok(standings)
 }
 
-/// Whether `generation` is still the serving one (a rebuild may have
-/// replaced it and a worker dropped its tables under a running batch).
-async fn still_serving(shared: &Shared, generation: &Generation) -> bool {
-    match registry::active(&shared.db, &generation.name).await {
-        Ok(Some(active)) => active.generation == generation.generation,
-        Ok(None) => false,
-        Err(_) => true,
-    }
-}
-
-fn due_for_retry(generation: &Generation, after: Duration) -> bool {
-    chrono::DateTime::parse_from_rfc3339(&generation.updated_at)
-        .map(|failed_at| {
-            let elapsed = chrono::Utc::now().signed_duration_since(failed_at);
-            elapsed.to_std().unwrap_or_default() >= after
-        })
-        .unwrap_or(true)
-}
-
 /// Idle: lets the serving position of split generations catch up with their
 /// partitions (two partitions committing together may have left it low).
 async fn settle(shared: &Shared, standings: &[Standing]) {
@@ -573,33 +554,22 @@ async fn fold_standing(shared: &Shared, standing: &Standing, window: &[RecordedE
     let events: Vec<RecordedEvent> = window.iter().filter(mine).cloned().collect();
     let generation = &standing.generation;
     let projection = standing.projection.as_ref();
-    let name = projection.name();
-    let advance = |to| Advance {
+    let advance = Advance {
         name: &generation.name,
         generation: generation.generation,
         part: standing.part.map(i64::from),
         from: standing.from,
         to,
     };
-    let tables = generation.tables();
     let pause = shared.settings.pause_per_event;
-    match fold_and_advance(&shared.db, projection, &tables, &events, advance(to), pause).await {
-        Ok(()) => {
-            metrics::counter!("crm_projection_events_total", "projection" => name)
-                .increment(events.len() as u64);
-            let now = chrono::Utc::now();
-            for event in &events {
-                let delay = now.signed_duration_since(event.recorded_at);
-                metrics::histogram!("crm_projection_delay_seconds", "projection" => name)
-                    .record(delay.to_std().unwrap_or_default().as_secs_f64());
-            }
-        }
+    match fold_or_stop(&shared.db, projection, generation, &events, advance, pause).await {
+        Ok(_) => {}
         Err(FoldFailure {
             error: ProjectionError::CheckpointMoved { .. },
             ..
         }) => {
             tracing::info!(
-                projection = name,
+                projection = projection.name(),
                 "another worker folded this range; re-reading"
             );
         }
@@ -607,55 +577,10 @@ async fn fold_standing(shared: &Shared, standing: &Standing, window: &[RecordedE
             error: ProjectionError::Database(error),
             ..
         }) if is_transient(&error) => {
-            tracing::debug!(projection = name, %error, "transient read-model error; retrying");
+            tracing::debug!(projection = projection.name(), %error, "transient read-model error; retrying");
         }
-        Err(FoldFailure { event: Some(_), .. }) if !still_serving(shared, generation).await => {
-            tracing::info!(
-                projection = name,
-                "generation replaced by a rebuild mid-batch; moving on"
-            );
-        }
-        Err(FoldFailure {
-            event: Some(bad),
-            error,
-        }) => {
-            // Keep everything before the bad event, stop exactly at it.
-            let good: Vec<RecordedEvent> = events
-                .iter()
-                .take_while(|event| event.position < bad.position)
-                .cloned()
-                .collect();
-            let kept = fold_and_advance(
-                &shared.db,
-                projection,
-                &tables,
-                &good,
-                advance(bad.position - 1),
-                None,
-            )
-            .await;
-            if let Err(failure) = kept {
-                tracing::warn!(projection = name, error = %failure.error, "folding up to a bad event failed");
-                return;
-            }
-            tracing::error!(projection = name, event_id = %bad.event_id, position = bad.position,
-                %error, "projection stopped at an event it cannot fold");
-            metrics::counter!("crm_projection_failures_total", "projection" => name).increment(1);
-            let event_id = bad.event_id.to_string();
-            if let Err(error) = registry::record_failure(
-                &shared.db,
-                &generation.name,
-                generation.generation,
-                Some((event_id.as_str(), bad.position)),
-                &error.to_string(),
-            )
-            .await
-            {
-                tracing::warn!(projection = name, %error, "recording the failure failed");
-            }
-        }
-        Err(FoldFailure { event: None, error }) => {
-            tracing::warn!(projection = name, %error, "folding a batch failed; retrying");
+        Err(failure) => {
+            tracing::warn!(projection = projection.name(), error = %failure.error, "folding a batch failed; retrying");
         }
     }
 }

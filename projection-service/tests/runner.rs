@@ -229,3 +229,126 @@ async fn runner_on_postgres() {
     log.close().await;
     pg.drop_db().await;
 }
+
+/// Two workers that both believe they own a range: the second commit finds
+/// the checkpoint moved and writes nothing (generation and partition
+/// checkpoints alike), so a handover can never fold a range twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_checkpoint_commits_nothing() {
+    use crm_projection_service::fold::{fold_batch, Advance, FoldFailure};
+    use crm_projection_service::partition;
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open_sqlite(&dir.path().join("events.db"))
+        .await
+        .unwrap();
+    let db = ReadDb::open_sqlite(&dir.path().join("read.db"))
+        .await
+        .unwrap();
+    for n in 0..4 {
+        append(&log, &format!("s{n}"), json!({"n": n})).await;
+    }
+    let events = log.read_all(0, 10).await.unwrap();
+    let tally = Tally {
+        name: "tally",
+        refuse_poison: false,
+    };
+    registry::ensure(&db).await.unwrap();
+    let generation = registry::create_generation(&db, &tally, registry::ACTIVE)
+        .await
+        .unwrap();
+    let tables = generation.tables();
+    let advance = |part, from, to| Advance {
+        name: "tally",
+        generation: generation.generation,
+        part,
+        from,
+        to,
+    };
+    let stale = |result: Result<(), FoldFailure>| {
+        matches!(
+            result,
+            Err(FoldFailure {
+                error: ProjectionError::CheckpointMoved { expected: 0, .. },
+                ..
+            })
+        )
+    };
+
+    fold_batch(
+        &db,
+        &tally,
+        &tables,
+        &events[..2],
+        Some(advance(None, 0, 2)),
+    )
+    .await
+    .unwrap();
+    // The same range again, by a worker that read the checkpoint before: refused.
+    let again = fold_batch(
+        &db,
+        &tally,
+        &tables,
+        &events[..2],
+        Some(advance(None, 0, 2)),
+    )
+    .await;
+    assert!(stale(again), "a second commit of 0..2 is refused");
+    assert_eq!(seen(&db, &tables).await, [1, 2]);
+    assert_eq!(
+        registry::active(&db, "tally")
+            .await
+            .unwrap()
+            .unwrap()
+            .checkpoint,
+        2
+    );
+
+    // Partitions: each partition's checkpoint is compared, and the
+    // generation serves the lowest of them.
+    partition::split(&db, "tally", generation.generation, 2, 2)
+        .await
+        .unwrap();
+    fold_batch(
+        &db,
+        &tally,
+        &tables,
+        &events[2..3],
+        Some(advance(Some(0), 2, 4)),
+    )
+    .await
+    .unwrap();
+    let again = fold_batch(
+        &db,
+        &tally,
+        &tables,
+        &events[2..3],
+        Some(advance(Some(0), 2, 4)),
+    )
+    .await;
+    assert!(
+        matches!(
+            &again,
+            Err(FoldFailure {
+                error: ProjectionError::CheckpointMoved { expected: 2, .. },
+                ..
+            })
+        ),
+        "{again:?}"
+    );
+    assert_eq!(seen(&db, &tables).await, [1, 2, 3]);
+    let serving = registry::active(&db, "tally").await.unwrap().unwrap();
+    assert_eq!(serving.checkpoint, 2, "partition 1 is still at 2");
+    fold_batch(
+        &db,
+        &tally,
+        &tables,
+        &events[3..4],
+        Some(advance(Some(1), 2, 4)),
+    )
+    .await
+    .unwrap();
+    let serving = registry::active(&db, "tally").await.unwrap().unwrap();
+    assert_eq!(serving.checkpoint, 4, "both partitions at 4");
+    assert_eq!(seen(&db, &tables).await, [1, 2, 3, 4]);
+}

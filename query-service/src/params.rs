@@ -81,6 +81,6 @@ pub async fn wait_for_position(
         Err(LogError::NotYet { head, wanted }) => Err(Problem::unavailable(format!(
             "the event log is at position {head}, below min_position {wanted}; retry later"
         ))),
-        Err(error) => Err(Problem::internal(&error)),
+        Err(error) => Err(Problem::from_log(&error)),
     }
 }

@@ -3,6 +3,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use crm_domain::error::FieldError;
+use crm_eventlog::LogError;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -132,19 +133,9 @@ impl Problem {
         )
     }
 
-    /// A failure of ours, not the client's: logged in full, answered without
-    /// internals. A database that is down or unreachable is not a bug but an
-    /// outage: such errors (see [`is_unavailable_error`]) answer 503, so
-    /// clients and load balancers retry instead of giving up.
+    /// A failure of ours, not the client's: logged in full, answered without internals.
     pub fn internal(error: &dyn std::fmt::Display) -> Self {
-        let text = error.to_string();
-        if is_unavailable_error(&text) {
-            tracing::warn!(error = %text, "a backing store is unavailable");
-            return Self::unavailable(
-                "a backing store is unavailable; retry later (commands: with the same Idempotency-Key)",
-            );
-        }
-        tracing::error!(error = %text, "request failed");
+        tracing::error!(%error, "request failed");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -153,33 +144,31 @@ impl Problem {
         )
     }
 
+    /// A failure of the event log: a database that is down or unreachable is
+    /// an outage, not a bug, and answers 503 so clients and load balancers
+    /// retry (commands with the same Idempotency-Key); anything else is internal.
+    pub fn from_log(error: &LogError) -> Self {
+        Self::from_store(error, error.is_unavailable())
+    }
+
+    /// [`Problem::from_log`] for an error of a read-model database.
+    pub fn from_database(error: &sqlx::Error) -> Self {
+        Self::from_store(error, LogError::sqlx_is_unavailable(error))
+    }
+
+    fn from_store(error: &dyn std::fmt::Display, unreachable: bool) -> Self {
+        if !unreachable {
+            return Self::internal(error);
+        }
+        tracing::warn!(%error, "a backing store is unavailable");
+        Self::unavailable(
+            "a backing store is unavailable; retry later (commands: with the same Idempotency-Key)",
+        )
+    }
+
     pub fn status(&self) -> StatusCode {
         StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
-}
-
-/// How the errors that mean "the database is unreachable" read: the prefix
-/// `crm_eventlog::LogError` gives them, the `sqlx::Error` messages of pool
-/// timeouts, closed pools and I/O failures, and PostgreSQL's messages while it
-/// shuts down or starts. (This crate depends on neither; the handlers pass
-/// errors as `Display`, so their text is what is there to classify.)
-const UNAVAILABLE_SIGNS: &[&str] = &[
-    "database unavailable: ",
-    "pool timed out while waiting for an open connection",
-    "attempted to acquire a connection on a closed pool",
-    "error communicating with database",
-    "error occurred while attempting to establish a TLS connection",
-    "terminating connection due to administrator command",
-    "the database system is shutting down",
-    "the database system is starting up",
-    "the database system is in recovery mode",
-    "the database system is not yet accepting connections",
-];
-
-/// Whether an error's text says a backing store is unreachable (answered
-/// with 503 by [`Problem::internal`]).
-pub fn is_unavailable_error(text: &str) -> bool {
-    UNAVAILABLE_SIGNS.iter().any(|sign| text.contains(sign))
 }
 
 fn display_field(field: &str) -> &str {
@@ -203,23 +192,23 @@ impl IntoResponse for Problem {
 
 #[cfg(test)]
 mod tests {
-    use super::Problem;
+    use super::{LogError, Problem};
 
     #[test]
     fn an_unreachable_database_is_503_other_failures_500() {
-        let down = Problem::internal(
-            &"database unavailable: pool timed out while waiting for an open connection",
-        );
+        let down = Problem::from_log(&LogError::Database(sqlx::Error::PoolTimedOut));
         assert_eq!(down.status, 503);
         assert_eq!(down.kind, "https://crm.example/problems/unavailable");
-        let refused = Problem::internal(
-            &"error communicating with database: Connection refused (os error 111)",
-        );
+        let refused = Problem::from_database(&sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
         assert_eq!(refused.status, 503);
-        let bug = Problem::internal(
-            &"database error: no rows returned by a query that expected to return at least one row",
-        );
+        let bug = Problem::from_log(&LogError::Database(sqlx::Error::RowNotFound));
         assert_eq!(bug.status, 500);
+        assert_eq!(
+            Problem::from_database(&sqlx::Error::RowNotFound).status,
+            500
+        );
         assert_eq!(Problem::internal(&"handler panicked").status, 500);
     }
 }

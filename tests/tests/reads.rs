@@ -229,15 +229,19 @@ async fn reads_see_their_writes_and_the_scenario_adds_up(server: Server) {
         "{}",
         projections.body
     );
-    let metrics = server.get("/metrics").await;
-    assert_eq!(metrics.status, 200);
-    let text = metrics.body.as_str().unwrap();
-    assert!(
-        text.contains(&format!(
-            "crm_projection_position{{projection=\"audit\"}} {head}"
-        )),
-        "{text}"
-    );
+    // Positions are published to /metrics once a second.
+    let wanted = format!("crm_projection_position{{projection=\"audit\"}} {head}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let metrics = server.get("/metrics").await;
+        assert_eq!(metrics.status, 200);
+        let text = metrics.body.as_str().unwrap();
+        if text.contains(&wanted) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     server.finish().await;
 }
 

@@ -88,7 +88,7 @@ pub async fn require_existing(
             .log()
             .stream_version(&actor.tenant, stream_type, &id.to_string())
             .await
-            .map_err(|error| Problem::internal(&error))?;
+            .map_err(|error| Problem::from_log(&error))?;
         if version == 0 {
             missing.push(FieldError {
                 field: field.to_string(),

@@ -87,13 +87,13 @@ pub async fn events(
                     "the event log is at position {head}, below min_position {wanted}; retry later"
                 )))
             }
-            Err(error) => return Err(Problem::internal(&error)),
+            Err(error) => return Err(Problem::from_log(&error)),
         }
     }
     let version = log
         .stream_version(&actor.tenant, &stream_type, &stream_id)
         .await
-        .map_err(|error| Problem::internal(&error))?;
+        .map_err(|error| Problem::from_log(&error))?;
     if version == 0 {
         return Err(Problem::not_found(format!(
             "no {stream_type} with id {stream_id}"
@@ -108,7 +108,7 @@ pub async fn events(
             limit,
         )
         .await
-        .map_err(|error| Problem::internal(&error))?;
+        .map_err(|error| Problem::from_log(&error))?;
     let next_after_version = events
         .last()
         .map(|event| event.version)

@@ -76,7 +76,7 @@ pub async fn events(
         .log
         .read_all(after, limit)
         .await
-        .map_err(|error| Problem::internal(&error))?;
+        .map_err(|error| Problem::from_log(&error))?;
     let next_after = read.last().map_or(after, |event| event.position);
     let events = read
         .iter()
@@ -89,7 +89,7 @@ pub async fn events(
         .log
         .head_position()
         .await
-        .map_err(|error| Problem::internal(&error))?;
+        .map_err(|error| Problem::from_log(&error))?;
     Ok(Json(FeedPage {
         events,
         next_after,

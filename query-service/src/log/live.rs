@@ -78,7 +78,7 @@ pub async fn live(
             .log
             .head_position()
             .await
-            .map_err(|error| Problem::internal(&error))?,
+            .map_err(|error| Problem::from_log(&error))?,
     };
     let feed = LiveFeed {
         log: app.log.clone(),

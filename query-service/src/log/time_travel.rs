@@ -220,7 +220,7 @@ impl StreamRef<'_> {
                 .log
                 .read_stream(self.tenant, self.stream_type, self.id, after_version, limit)
                 .await
-                .map_err(|error| Problem::internal(&error))?;
+                .map_err(|error| Problem::from_log(&error))?;
             let page_len = events.len() as i64;
             for recorded in events {
                 first_recorded.get_or_insert(recorded.recorded_at);

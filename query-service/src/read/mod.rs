@@ -124,7 +124,7 @@ async fn serving(
             "the {name} read model is at position {position}, not yet at min_position {wanted}; retry shortly"
         )),
         WaitError::Missing(name) => Problem::unavailable(format!("the {name} read model is not installed yet")),
-        WaitError::Database(error) => Problem::internal(&error),
+        WaitError::Database(error) => Problem::from_database(&error),
     })
 }
 
@@ -134,7 +134,7 @@ fn query_problem(error: QueryError) -> Problem {
             field: name,
             message,
         } => Problem::validation(vec![field(&name, &message)]),
-        QueryError::Database(error) => Problem::internal(&error),
+        QueryError::Database(error) => Problem::from_database(&error),
     }
 }
 
@@ -149,7 +149,7 @@ async fn board(
     pipeline::board(read_db(&state)?, &generation.tables(), &query)
         .await
         .map(Json)
-        .map_err(|e| Problem::internal(&e))
+        .map_err(|e| Problem::from_database(&e))
 }
 
 async fn forecast(
@@ -163,7 +163,7 @@ async fn forecast(
     pipeline::forecast(read_db(&state)?, &generation.tables(), &query)
         .await
         .map(Json)
-        .map_err(|e| Problem::internal(&e))
+        .map_err(|e| Problem::from_database(&e))
 }
 
 async fn analytics(
@@ -184,7 +184,7 @@ async fn analytics(
             pipeline::AnalyticsError::InvalidRange { .. } => {
                 Problem::validation(vec![field("from", &error.to_string())])
             }
-            pipeline::AnalyticsError::Database(error) => Problem::internal(&error),
+            pipeline::AnalyticsError::Database(error) => Problem::from_database(&error),
         })
 }
 
@@ -199,7 +199,7 @@ async fn open_cases(
     service_levels::open_cases(read_db(&state)?, &generation.tables(), &query)
         .await
         .map(Json)
-        .map_err(|e| Problem::internal(&e))
+        .map_err(|e| Problem::from_database(&e))
 }
 
 async fn sla_stats(
@@ -217,7 +217,7 @@ async fn sla_stats(
             service_levels::SlaError::InvalidRange { .. } => {
                 Problem::validation(vec![field("from", &error.to_string())])
             }
-            service_levels::SlaError::Database(error) => Problem::internal(&error),
+            service_levels::SlaError::Database(error) => Problem::from_database(&error),
         })
 }
 
