@@ -1,9 +1,9 @@
 //! Distributed projection workers on a real PostgreSQL and NATS JetStream:
 //! `crm projection-service` processes split the work units (stream partitions
 //! plus the global unit) and read their durable JetStream consumers; a worker
-//! joining takes units over, a worker killed with -9 mid-batch loses nothing
-//! and folds nothing twice, and at the end every read-model table equals what
-//! a fresh `crm rebuild all` produces.
+//! joining takes units over, a worker killed with -9 while it lags (slowed
+//! to 10 ms an event) loses nothing and folds nothing twice, and at the end
+//! every read-model table equals what a fresh `crm rebuild all` produces.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -347,7 +347,7 @@ async fn partitioned_workers_over_jetstream_end_equal_to_a_fresh_rebuild() {
     let shares = balanced(&client, &[&first, &second]).await;
     println!("a second worker joined: units split {shares:?}");
 
-    // Traffic keeps flowing while the first worker is killed mid-batch and a third joins.
+    // Traffic keeps flowing while the (lagging) first worker is killed and a third joins.
     let load = customers(&client, &commands, 24, 96);
     let chaos = async {
         tokio::time::sleep(Duration::from_millis(1000)).await;
