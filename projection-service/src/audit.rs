@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::Row;
 
-use crate::projection::{decode, Projection, ProjectionError, Tables, Tx};
+use crate::projection::{
+    decode, values_placeholders, BatchError, Projection, ProjectionError, Tables, Tx,
+};
 use crate::readdb::{timestamp, ReadDb};
 use crate::records::paging::{
     decode_position_cursor, encode_cursor, json_text, normalise_time, page_limit, parse_time, Binds,
@@ -436,58 +438,148 @@ impl Projection for AuditProjection {
         tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<(), ProjectionError> {
-        let changes = changes_of(event)?;
+        self.apply_batch(tx, tables, std::slice::from_ref(event))
+            .await
+            .map_err(|failure| failure.error)
+    }
+
+    /// Entries and changes of the whole batch in multi-row inserts.
+    async fn apply_batch(
+        &self,
+        tx: &mut Tx,
+        tables: &Tables,
+        events: &[RecordedEvent],
+    ) -> Result<(), BatchError> {
+        let mut entries = Vec::with_capacity(events.len());
+        let mut changes = Vec::new();
+        for (index, event) in events.iter().enumerate() {
+            let event_changes = changes_of(event).map_err(|error| BatchError {
+                index: Some(index),
+                error,
+            })?;
+            entries.push(EntryRow::new(event, &event_changes));
+            for (seq, change) in event_changes.into_iter().enumerate() {
+                changes.push((event.position, seq as i64, change));
+            }
+        }
+        let whole_batch = |error: sqlx::Error| BatchError {
+            index: None,
+            error: error.into(),
+        };
+        for chunk in entries.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO {} (position, event_id, recorded_at, occurred_at, actor, roles, command, command_id,
+                    stream_type, stream_id, version, event_type, correlation_id, causation_id, request_id, client, changes)
+                 VALUES {} ON CONFLICT (position) DO NOTHING",
+                tables.t("entries"),
+                values_placeholders(chunk.len(), 17)
+            );
+            let mut query = sqlx::query(&sql);
+            for row in chunk {
+                query = row.bind(query);
+            }
+            query.execute(&mut **tx).await.map_err(whole_batch)?;
+        }
+        for chunk in changes.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO {} (position, seq, field, old_value, new_value) VALUES {}
+                 ON CONFLICT (position, seq) DO NOTHING",
+                tables.t("changes"),
+                values_placeholders(chunk.len(), 5)
+            );
+            let mut query = sqlx::query(&sql);
+            for (position, seq, change) in chunk {
+                query = query
+                    .bind(*position)
+                    .bind(*seq)
+                    .bind(change.field.clone())
+                    .bind(change.old.to_string())
+                    .bind(change.new.to_string());
+            }
+            query.execute(&mut **tx).await.map_err(whole_batch)?;
+        }
+        Ok(())
+    }
+}
+
+/// Rows per multi-row insert: well under SQLite's and PostgreSQL's bound
+/// parameter limits (17 columns x 50 = 850).
+const ROWS_PER_INSERT: usize = 50;
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// One audit entry, as its row.
+struct EntryRow {
+    position: i64,
+    event_id: String,
+    recorded_at: String,
+    occurred_at: Option<String>,
+    actor: Option<String>,
+    roles: String,
+    command: Option<String>,
+    command_id: Option<String>,
+    stream_type: String,
+    stream_id: String,
+    version: i64,
+    event_type: String,
+    correlation_id: Option<String>,
+    causation_id: Option<String>,
+    request_id: Option<String>,
+    client: Option<String>,
+    changes: String,
+}
+
+impl EntryRow {
+    fn new(event: &RecordedEvent, changes: &[FieldChange]) -> Self {
         let meta = &event.metadata;
-        let roles = match meta.get("roles") {
+        let roles: Vec<String> = match meta.get("roles") {
             Some(Value::Array(roles)) => roles.iter().filter_map(|r| json_text(Some(r))).collect(),
-            _ => Vec::<String>::new(),
+            _ => Vec::new(),
         };
         let occurred_at = ["occurred_at", "opened_at"]
             .iter()
             .find_map(|k| event.payload.get(*k).and_then(Value::as_str))
             .and_then(normalise_time);
-        sqlx::query(&format!(
-            "INSERT INTO {} (position, event_id, recorded_at, occurred_at, actor, roles, command, command_id,
-                stream_type, stream_id, version, event_type, correlation_id, causation_id, request_id, client, changes)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-             ON CONFLICT (position) DO NOTHING",
-            tables.t("entries")
-        ))
-        .bind(event.position)
-        .bind(event.event_id.to_string())
-        .bind(timestamp(&event.recorded_at))
-        .bind(occurred_at)
-        .bind(json_text(meta.get("actor")))
-        .bind(serde_json::to_string(&roles).unwrap_or_else(|_| "[]".into()))
-        .bind(json_text(meta.get("command")))
-        .bind(json_text(meta.get("command_id")))
-        .bind(event.stream_type.clone())
-        .bind(event.stream_id.clone())
-        .bind(event.version)
-        .bind(event.event_type.clone())
-        .bind(json_text(meta.get("correlation_id")))
-        .bind(json_text(meta.get("causation_id")))
-        .bind(json_text(meta.get("request_id")))
-        .bind(json_text(meta.get("client")))
-        .bind(serde_json::to_string(&changes).unwrap_or_else(|_| "[]".into()))
-        .execute(&mut **tx)
-        .await?;
-        let insert = format!(
-            "INSERT INTO {} (position, seq, field, old_value, new_value) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (position, seq) DO NOTHING",
-            tables.t("changes")
-        );
-        for (seq, change) in changes.iter().enumerate() {
-            sqlx::query(&insert)
-                .bind(event.position)
-                .bind(seq as i64)
-                .bind(change.field.clone())
-                .bind(change.old.to_string())
-                .bind(change.new.to_string())
-                .execute(&mut **tx)
-                .await?;
+        Self {
+            position: event.position,
+            event_id: event.event_id.to_string(),
+            recorded_at: timestamp(&event.recorded_at),
+            occurred_at,
+            actor: json_text(meta.get("actor")),
+            roles: serde_json::to_string(&roles).unwrap_or_else(|_| "[]".into()),
+            command: json_text(meta.get("command")),
+            command_id: json_text(meta.get("command_id")),
+            stream_type: event.stream_type.clone(),
+            stream_id: event.stream_id.clone(),
+            version: event.version,
+            event_type: event.event_type.clone(),
+            correlation_id: json_text(meta.get("correlation_id")),
+            causation_id: json_text(meta.get("causation_id")),
+            request_id: json_text(meta.get("request_id")),
+            client: json_text(meta.get("client")),
+            changes: serde_json::to_string(changes).unwrap_or_else(|_| "[]".into()),
         }
-        Ok(())
+    }
+
+    fn bind<'q>(&self, query: AnyQuery<'q>) -> AnyQuery<'q> {
+        query
+            .bind(self.position)
+            .bind(self.event_id.clone())
+            .bind(self.recorded_at.clone())
+            .bind(self.occurred_at.clone())
+            .bind(self.actor.clone())
+            .bind(self.roles.clone())
+            .bind(self.command.clone())
+            .bind(self.command_id.clone())
+            .bind(self.stream_type.clone())
+            .bind(self.stream_id.clone())
+            .bind(self.version)
+            .bind(self.event_type.clone())
+            .bind(self.correlation_id.clone())
+            .bind(self.causation_id.clone())
+            .bind(self.request_id.clone())
+            .bind(self.client.clone())
+            .bind(self.changes.clone())
     }
 }
 

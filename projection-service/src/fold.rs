@@ -4,7 +4,7 @@
 
 use crm_eventlog::RecordedEvent;
 
-use crate::projection::{Projection, ProjectionError, Tables, Tx};
+use crate::projection::{BatchError, Projection, ProjectionError, Tables, Tx};
 use crate::readdb::{is_transient, ReadDb};
 use crate::registry::{self, Generation};
 
@@ -97,15 +97,28 @@ pub async fn fold_batch_paced(
             });
         }
     }
-    for event in events {
-        if let Err(error) = projection.apply(&mut tx, tables, event).await {
-            return Err(FoldFailure {
-                event: Some(event.clone()),
-                error,
-            });
+    match pause {
+        // Paced (tests): one event at a time, so a crash can land mid-batch.
+        Some(pause) => {
+            for event in events {
+                if let Err(error) = projection.apply(&mut tx, tables, event).await {
+                    return Err(FoldFailure {
+                        event: Some(event.clone()),
+                        error,
+                    });
+                }
+                tokio::time::sleep(pause).await;
+            }
         }
-        if let Some(pause) = pause {
-            tokio::time::sleep(pause).await;
+        None => {
+            if let Err(BatchError { index, error }) =
+                projection.apply_batch(&mut tx, tables, events).await
+            {
+                return Err(FoldFailure {
+                    event: index.and_then(|index| events.get(index)).cloned(),
+                    error,
+                });
+            }
         }
     }
     if let Some(Advance {

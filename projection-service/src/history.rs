@@ -21,7 +21,9 @@ use serde_json::{json, Value};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use crate::projection::{decode, Projection, ProjectionError, Tables, Tx};
+use crate::projection::{
+    decode, values_placeholders, BatchError, Projection, ProjectionError, Tables, Tx,
+};
 use crate::readdb::{timestamp, ReadDb};
 use crate::records::paging::{decode_cursor, encode_cursor, json_text, page_limit, Binds};
 pub use crate::records::paging::{Page, QueryError};
@@ -536,23 +538,85 @@ impl Projection for HistoryProjection {
         tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<(), ProjectionError> {
-        let mut fold = Fold {
-            tx,
-            t: tables,
-            event,
-        };
-        let entry = match event.stream_type.as_str() {
-            "lead" => fold.lead().await?,
-            "account" => fold.account().await?,
-            "contact" => fold.contact().await?,
-            "opportunity" => fold.opportunity().await?,
-            "case" => fold.case().await?,
-            _ => None,
-        };
-        if let Some(entry) = entry {
-            fold.insert(entry).await?;
+        self.apply_batch(tx, tables, std::slice::from_ref(event))
+            .await
+            .map_err(|failure| failure.error)
+    }
+
+    /// Lookup rows are kept per event (later events of the batch read them);
+    /// timeline entries, which folding never reads back, are written at the
+    /// end in multi-row inserts.
+    async fn apply_batch(
+        &self,
+        tx: &mut Tx,
+        tables: &Tables,
+        events: &[RecordedEvent],
+    ) -> Result<(), BatchError> {
+        let mut entries = Vec::new();
+        for (index, event) in events.iter().enumerate() {
+            let entry = entry_for(tx, tables, event)
+                .await
+                .map_err(|error| BatchError {
+                    index: Some(index),
+                    error,
+                })?;
+            if let Some(entry) = entry {
+                entries.push((event, entry));
+            }
+        }
+        for chunk in entries.chunks(ENTRIES_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO {} (position, occurred_at, kind, event_type, stream_type, stream_id, account_id,
+                    contact_id, summary, actor, details)
+                 VALUES {} ON CONFLICT (position) DO NOTHING",
+                tables.t("entries"),
+                values_placeholders(chunk.len(), 11)
+            );
+            let mut query = sqlx::query(&sql);
+            for (event, entry) in chunk {
+                query = query
+                    .bind(event.position)
+                    .bind(entry.occurred_at.clone())
+                    .bind(entry.kind)
+                    .bind(event.event_type.clone())
+                    .bind(event.stream_type.clone())
+                    .bind(event.stream_id.clone())
+                    .bind(entry.account_id.clone())
+                    .bind(entry.contact_id.clone())
+                    .bind(entry.summary.clone())
+                    .bind(json_text(event.metadata.get("actor")))
+                    .bind(entry.details.to_string());
+            }
+            query.execute(&mut **tx).await.map_err(|error| BatchError {
+                index: None,
+                error: error.into(),
+            })?;
         }
         Ok(())
+    }
+}
+
+/// Timeline entries per multi-row insert (11 parameters each).
+const ENTRIES_PER_INSERT: usize = 50;
+
+/// Updates the lookup rows for `event`; the timeline entry it adds, if any.
+async fn entry_for(
+    tx: &mut Tx,
+    tables: &Tables,
+    event: &RecordedEvent,
+) -> Result<Option<NewEntry>, ProjectionError> {
+    let mut fold = Fold {
+        tx,
+        t: tables,
+        event,
+    };
+    match event.stream_type.as_str() {
+        "lead" => fold.lead().await,
+        "account" => fold.account().await,
+        "contact" => fold.contact().await,
+        "opportunity" => fold.opportunity().await,
+        "case" => fold.case().await,
+        _ => Ok(None),
     }
 }
 
@@ -625,30 +689,6 @@ impl Fold<'_> {
             summary,
             details: self.details(),
         })
-    }
-
-    async fn insert(&mut self, entry: NewEntry) -> Result<(), sqlx::Error> {
-        let e = self.event;
-        sqlx::query(&format!(
-            "INSERT INTO {} (position, occurred_at, kind, event_type, stream_type, stream_id, account_id,
-                contact_id, summary, actor, details)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (position) DO NOTHING",
-            self.t.t("entries")
-        ))
-        .bind(e.position)
-        .bind(entry.occurred_at)
-        .bind(entry.kind)
-        .bind(e.event_type.clone())
-        .bind(e.stream_type.clone())
-        .bind(e.stream_id.clone())
-        .bind(entry.account_id)
-        .bind(entry.contact_id)
-        .bind(entry.summary)
-        .bind(json_text(e.metadata.get("actor")))
-        .bind(entry.details.to_string())
-        .execute(&mut **self.tx)
-        .await?;
-        Ok(())
     }
 
     /// One row of a lookup table by key.

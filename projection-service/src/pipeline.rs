@@ -609,7 +609,7 @@ pub struct BoardQuery {
 }
 
 /// Open opportunities per stage of one pipeline.
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Clone)]
 pub struct BoardView {
     pub pipeline: String,
     pub owner: Option<String>,
@@ -620,7 +620,7 @@ pub struct BoardView {
     pub weighted: Vec<MoneyView>,
 }
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Clone)]
 pub struct BoardStage {
     pub stage: String,
     /// Win probability of the stage in percent.

@@ -76,6 +76,64 @@ pub trait Projection: Send + Sync + 'static {
         tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<(), ProjectionError>;
+
+    /// Folds `events` in log order. By default one by one; a projection that
+    /// only inserts rows overrides it to write the batch in a few multi-row
+    /// statements (each statement costs a round trip, which dominates a fold).
+    async fn apply_batch(
+        &self,
+        tx: &mut Tx,
+        tables: &Tables,
+        events: &[RecordedEvent],
+    ) -> Result<(), BatchError> {
+        for (index, event) in events.iter().enumerate() {
+            self.apply(tx, tables, event)
+                .await
+                .map_err(|error| BatchError {
+                    index: Some(index),
+                    error,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a batch did not fold: the index of the event at fault, when the
+/// failure belongs to one event (None: a multi-row statement failed).
+#[derive(Debug)]
+pub struct BatchError {
+    pub index: Option<usize>,
+    pub error: ProjectionError,
+}
+
+/// Rows of `columns` values each, numbered `$1..` as the read-model queries
+/// are: `($1, $2), ($3, $4)`.
+pub fn values_placeholders(rows: usize, columns: usize) -> String {
+    let mut sql = String::with_capacity(rows * columns * 5);
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for column in 0..columns {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&(row * columns + column + 1).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn placeholders_number_rows_then_columns() {
+        assert_eq!(super::values_placeholders(2, 2), "($1, $2), ($3, $4)");
+        assert_eq!(super::values_placeholders(1, 3), "($1, $2, $3)");
+    }
 }
 
 /// Decodes an event's payload into a domain event type.

@@ -3,7 +3,7 @@
 //! wake on the log's head notification (with a polling fallback).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crm_eventlog::{EventLog, RecordedEvent};
 use tokio::sync::watch;
@@ -71,13 +71,22 @@ impl Runner {
     /// others keep going.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut head = self.log.subscribe();
+        let mut last_collection: Option<Instant> = None;
         loop {
+            // Garbage collection looks at the registry only: once a poll
+            // interval is soon enough, and keeps it off the per-batch path.
+            let collect =
+                last_collection.is_none_or(|at| at.elapsed() >= self.settings.poll_interval);
+            if collect {
+                last_collection = Some(Instant::now());
+            }
             let mut progressed = false;
+            let mut read = LogWindow::default();
             for projection in &self.projections {
                 if *shutdown.borrow() {
                     return;
                 }
-                match self.step(projection.as_ref()).await {
+                match self.step(projection.as_ref(), collect, &mut read).await {
                     Ok(folded) => progressed |= folded > 0,
                     Err(error) => {
                         tracing::warn!(projection = projection.name(), %error, "projection step failed")
@@ -99,8 +108,16 @@ impl Runner {
     }
 
     /// Folds at most one batch into one projection; returns how many events.
-    pub async fn step(&self, projection: &dyn Projection) -> Result<usize, sqlx::Error> {
-        registry::collect_garbage(&self.db, projection, false).await?;
+    /// Projections standing at the same checkpoint share one read of the log.
+    async fn step(
+        &self,
+        projection: &dyn Projection,
+        collect: bool,
+        read: &mut LogWindow,
+    ) -> Result<usize, sqlx::Error> {
+        if collect {
+            registry::collect_garbage(&self.db, projection, false).await?;
+        }
         let Some(generation) = registry::active(&self.db, projection.name()).await? else {
             return Ok(0);
         };
@@ -110,11 +127,18 @@ impl Runner {
             }
             registry::clear_failure(&self.db, &generation.name, generation.generation).await?;
         }
-        let events = self
-            .log
-            .read_all(generation.checkpoint, self.settings.batch_size)
-            .await
-            .map_err(|error| sqlx::Error::Protocol(format!("reading the log: {error}")))?;
+        if read.after != Some(generation.checkpoint) {
+            let events = self
+                .log
+                .read_all(generation.checkpoint, self.settings.batch_size)
+                .await
+                .map_err(|error| sqlx::Error::Protocol(format!("reading the log: {error}")))?;
+            *read = LogWindow {
+                after: Some(generation.checkpoint),
+                events: Arc::new(events),
+            };
+        }
+        let events = read.events.clone();
         if events.is_empty() {
             return Ok(0);
         }
@@ -146,6 +170,13 @@ impl Runner {
                 other => sqlx::Error::Protocol(other.to_string()),
             })
     }
+}
+
+/// The events after one checkpoint, read once per round of the runner.
+#[derive(Default)]
+struct LogWindow {
+    after: Option<i64>,
+    events: Arc<Vec<RecordedEvent>>,
 }
 
 /// How the caller will follow the log after [`install`].

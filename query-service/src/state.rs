@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use axum::extract::FromRef;
 use crm_eventlog::EventLog;
+use crm_projection_service::pipeline::BoardView;
 use crm_projection_service::ReadDb;
 use crm_service_kit::auth::Tokens;
 use tokio::sync::watch;
@@ -47,6 +48,32 @@ pub struct QueryState {
     pub live: LiveSettings,
     /// The read models; without them only the log-backed routes can answer.
     pub read: Option<ReadDb>,
+    /// Pipeline boards by the generation and checkpoint they were read at.
+    pub boards: BoardCache,
+}
+
+/// Which board, read at which state of the pipeline read model. A board
+/// depends on nothing else, so one computed at a checkpoint answers every
+/// request that finds the read model at that checkpoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct BoardKey {
+    pub generation: i64,
+    pub checkpoint: i64,
+    pub pipeline: Option<String>,
+    pub owner: Option<String>,
+}
+
+/// A board sums every open opportunity (its cost grows with the pipeline),
+/// while it changes only when the pipeline read model folds events: requests
+/// between two folds share one computation (concurrent misses wait for the
+/// one in flight instead of repeating it).
+pub type BoardCache = moka::future::Cache<BoardKey, Arc<BoardView>>;
+
+fn board_cache() -> BoardCache {
+    moka::future::Cache::builder()
+        .max_capacity(256)
+        .time_to_live(Duration::from_secs(60))
+        .build()
 }
 
 impl QueryState {
@@ -57,6 +84,7 @@ impl QueryState {
             tokens,
             live: LiveSettings::default(),
             read: None,
+            boards: board_cache(),
         }
     }
 

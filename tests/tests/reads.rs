@@ -450,3 +450,65 @@ async fn each_role_reads_only_what_it_may() {
     }
     server.finish().await;
 }
+
+/// The board is computed once per state of the pipeline read model and
+/// shared by the requests that find it there: each write must still show at
+/// once to a reader that asks for its position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_board_follows_every_write_although_it_is_shared() {
+    let server = Server::start(Backend::Sqlite).await.unwrap();
+    let account = created(&server, "/v1/accounts", json!({"name": "Initech"}))
+        .await
+        .id();
+    let mut last = 0;
+    let mut deals = Vec::new();
+    for n in 1..=3 {
+        let reply = created(
+            &server,
+            "/v1/opportunities",
+            json!({"account_id": account, "name": format!("Deal {n}"),
+                   "amount": {"amount": "100.00", "currency": "USD"},
+                   "expected_close": "2027-03-31", "owner": "alice"}),
+        )
+        .await;
+        deals.push(reply.id());
+        last = position(&reply);
+        for _ in 0..2 {
+            // The second read is served from what the first computed.
+            let board = server
+                .get(&format!("/v1/pipeline?min_position={last}"))
+                .await;
+            assert_eq!(board.status, 200, "{board:?}");
+            assert_eq!(board.body["count"], n, "{:?}", board.body);
+        }
+    }
+    let advanced = created(
+        &server,
+        &format!("/v1/opportunities/{}/advance", deals[0]),
+        json!({"stage": "proposal"}),
+    )
+    .await;
+    assert!(position(&advanced) > last);
+    let board = server
+        .get(&format!(
+            "/v1/pipeline?min_position={}",
+            position(&advanced)
+        ))
+        .await;
+    let stages = board.body["stages"].as_array().expect("stages");
+    let count = |stage: &str| {
+        stages
+            .iter()
+            .find(|s| s["stage"] == stage)
+            .map(|s| s["count"].clone())
+    };
+    assert_eq!(count("prospecting"), Some(json!(2)), "{:?}", board.body);
+    assert_eq!(count("proposal"), Some(json!(1)), "{:?}", board.body);
+    let mine = server.get("/v1/pipeline?owner=bob").await;
+    assert_eq!(
+        mine.body["count"], 0,
+        "owner is part of the key: {:?}",
+        mine.body
+    );
+    server.finish().await;
+}

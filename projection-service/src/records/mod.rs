@@ -9,6 +9,8 @@ pub mod paging;
 #[cfg(test)]
 pub(crate) mod scenario;
 
+use std::collections::HashMap;
+
 use cqrs_es::Aggregate;
 use crm_domain::account::Account;
 use crm_domain::case::Case;
@@ -21,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::Row;
 
-use crate::projection::{decode, Projection, ProjectionError, Tables, Tx};
+use crate::projection::{
+    decode, values_placeholders, BatchError, Projection, ProjectionError, Tables, Tx,
+};
 use crate::readdb::{timestamp, ReadDb};
 use paging::{decode_position_cursor, encode_cursor, page_limit, parse_time, Binds};
 pub use paging::{Page, QueryError};
@@ -374,30 +378,141 @@ impl Projection for RecordsProjection {
         tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<(), ProjectionError> {
-        let Some(kind) = RecordKind::from_stream_type(&event.stream_type) else {
-            return Ok(());
+        self.apply_batch(tx, tables, std::slice::from_ref(event))
+            .await
+            .map_err(|failure| failure.error)
+    }
+
+    /// Reads the batch's records in a few statements, folds every event into
+    /// them in memory (in log order), and writes each touched record once.
+    async fn apply_batch(
+        &self,
+        tx: &mut Tx,
+        tables: &Tables,
+        events: &[RecordedEvent],
+    ) -> Result<(), BatchError> {
+        let whole_batch = |error: sqlx::Error| BatchError {
+            index: None,
+            error: error.into(),
         };
         let records = tables.t("records");
-        let existing = sqlx::query(&format!(
-            "SELECT state, created_at, updated_position FROM {records} WHERE kind = $1 AND id = $2"
-        ))
-        .bind(kind.as_str())
-        .bind(event.stream_id.clone())
-        .fetch_optional(&mut **tx)
-        .await?;
-        let (state, created_at) = match &existing {
-            Some(row) => {
-                if row.try_get::<i64, _>("updated_position")? >= event.position {
-                    return Ok(()); // already folded
+        let mut order: Vec<(RecordKind, &str)> = Vec::new();
+        let mut touched: HashMap<(RecordKind, String), Folded> = HashMap::new();
+        for event in events {
+            if let Some(kind) = RecordKind::from_stream_type(&event.stream_type) {
+                let key = (kind, event.stream_id.clone());
+                if !touched.contains_key(&key) {
+                    touched.insert(key, Folded::default());
+                    order.push((kind, event.stream_id.as_str()));
                 }
-                (
-                    Some(row.try_get::<String, _>("state")?),
-                    row.try_get::<String, _>("created_at")?,
-                )
             }
-            None => (None, timestamp(&event.recorded_at)),
-        };
-        let state = state.as_deref();
+        }
+        for chunk in order.chunks(KEYS_PER_READ) {
+            let wanted: Vec<String> = (0..chunk.len())
+                .map(|n| format!("(kind = ${} AND id = ${})", 2 * n + 1, 2 * n + 2))
+                .collect();
+            let sql = format!(
+                "SELECT kind, id, state, created_at, updated_position FROM {records} WHERE {}",
+                wanted.join(" OR ")
+            );
+            let mut query = sqlx::query(&sql);
+            for (kind, id) in chunk {
+                query = query.bind(kind.as_str()).bind(id.to_string());
+            }
+            for row in query.fetch_all(&mut **tx).await.map_err(whole_batch)? {
+                let kind: String = row.try_get("kind").map_err(whole_batch)?;
+                let id: String = row.try_get("id").map_err(whole_batch)?;
+                let Some(kind) = RecordKind::from_stream_type(&kind) else {
+                    continue;
+                };
+                if let Some(folded) = touched.get_mut(&(kind, id)) {
+                    folded.state = Some(row.try_get("state").map_err(whole_batch)?);
+                    folded.created_at = Some(row.try_get("created_at").map_err(whole_batch)?);
+                    folded.updated_position =
+                        row.try_get("updated_position").map_err(whole_batch)?;
+                }
+            }
+        }
+        for (index, event) in events.iter().enumerate() {
+            let Some(kind) = RecordKind::from_stream_type(&event.stream_type) else {
+                continue;
+            };
+            let Some(folded) = touched.get_mut(&(kind, event.stream_id.clone())) else {
+                continue;
+            };
+            folded.fold(kind, event).map_err(|error| BatchError {
+                index: Some(index),
+                error,
+            })?;
+        }
+        let rows: Vec<(RecordKind, &str, Folded)> = order
+            .into_iter()
+            .filter_map(|key| {
+                let folded = touched.remove(&(key.0, key.1.to_string()))?;
+                folded.last.is_some().then_some((key.0, key.1, folded))
+            })
+            .collect();
+        for chunk in rows.chunks(ROWS_PER_UPSERT) {
+            let sql = format!(
+                "INSERT INTO {records} (kind, id, owner, stage, status, account_id, version, created_at, updated_at,
+                    updated_position, state, data)
+                 VALUES {}
+                 ON CONFLICT (kind, id) DO UPDATE SET owner = EXCLUDED.owner, stage = EXCLUDED.stage,
+                    status = EXCLUDED.status, account_id = EXCLUDED.account_id, version = EXCLUDED.version,
+                    updated_at = EXCLUDED.updated_at, updated_position = EXCLUDED.updated_position,
+                    state = EXCLUDED.state, data = EXCLUDED.data",
+                values_placeholders(chunk.len(), 12)
+            );
+            let mut query = sqlx::query(&sql);
+            for (kind, id, folded) in chunk {
+                let Some(last) = &folded.last else { continue };
+                query = query
+                    .bind(kind.as_str())
+                    .bind(id.to_string())
+                    .bind(last.row.owner.clone())
+                    .bind(last.row.stage.clone())
+                    .bind(last.row.status.clone())
+                    .bind(last.row.account_id.clone())
+                    .bind(last.version)
+                    .bind(folded.created_at.clone().unwrap_or_default())
+                    .bind(last.updated_at.clone())
+                    .bind(folded.updated_position)
+                    .bind(folded.state.clone().unwrap_or_default())
+                    .bind(last.row.data.to_string());
+            }
+            query.execute(&mut **tx).await.map_err(whole_batch)?;
+        }
+        Ok(())
+    }
+}
+
+/// Keys per read of a batch's records (two parameters each).
+const KEYS_PER_READ: usize = 100;
+/// Records per multi-row upsert (12 parameters each).
+const ROWS_PER_UPSERT: usize = 50;
+
+/// One record while a batch folds into it: its stored state (JSON) and
+/// position, then what the last folded event made of it.
+#[derive(Default)]
+struct Folded {
+    state: Option<String>,
+    created_at: Option<String>,
+    updated_position: i64,
+    last: Option<LastFold>,
+}
+
+struct LastFold {
+    row: Columns,
+    version: i64,
+    updated_at: String,
+}
+
+impl Folded {
+    fn fold(&mut self, kind: RecordKind, event: &RecordedEvent) -> Result<(), ProjectionError> {
+        if self.state.is_some() && self.updated_position >= event.position {
+            return Ok(()); // already folded
+        }
+        let state = self.state.as_deref();
         let state: Value = match kind {
             RecordKind::Lead => serde_json::to_value(next_state::<Lead>(state, event)?),
             RecordKind::Account => serde_json::to_value(next_state::<Account>(state, event)?),
@@ -408,6 +523,10 @@ impl Projection for RecordsProjection {
             RecordKind::Case => serde_json::to_value(next_state::<Case>(state, event)?),
         }
         .map_err(|e| ProjectionError::Invalid(format!("record state does not encode: {e}")))?;
+        let created_at = self
+            .created_at
+            .get_or_insert_with(|| timestamp(&event.recorded_at))
+            .clone();
         let updated_at = timestamp(&event.recorded_at);
         let mut row = view(kind, &state);
         if let Some(object) = row.data.as_object_mut() {
@@ -417,29 +536,13 @@ impl Projection for RecordsProjection {
             object.insert("updated_at".into(), json!(updated_at));
             object.insert("position".into(), json!(event.position));
         }
-        sqlx::query(&format!(
-            "INSERT INTO {records} (kind, id, owner, stage, status, account_id, version, created_at, updated_at,
-                updated_position, state, data)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-             ON CONFLICT (kind, id) DO UPDATE SET owner = EXCLUDED.owner, stage = EXCLUDED.stage,
-                status = EXCLUDED.status, account_id = EXCLUDED.account_id, version = EXCLUDED.version,
-                updated_at = EXCLUDED.updated_at, updated_position = EXCLUDED.updated_position,
-                state = EXCLUDED.state, data = EXCLUDED.data"
-        ))
-        .bind(kind.as_str())
-        .bind(event.stream_id.clone())
-        .bind(row.owner)
-        .bind(row.stage)
-        .bind(row.status)
-        .bind(row.account_id)
-        .bind(event.version)
-        .bind(created_at)
-        .bind(updated_at)
-        .bind(event.position)
-        .bind(state.to_string())
-        .bind(row.data.to_string())
-        .execute(&mut **tx)
-        .await?;
+        self.state = Some(state.to_string());
+        self.updated_position = event.position;
+        self.last = Some(LastFold {
+            row,
+            version: event.version,
+            updated_at,
+        });
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 //! Every route takes `min_position=P` (read your writes: wait, bounded, for
 //! the projection to reach P, else 503 with its position).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -12,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use crm_domain::error::FieldError;
+use crm_projection_service::pipeline::BoardView;
 use crm_projection_service::records::{QueryError, RecordKind};
 use crm_projection_service::registry::Generation;
 use crm_projection_service::status::{self, WaitError};
@@ -22,7 +24,7 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::state::QueryState;
+use crate::state::{BoardKey, QueryState};
 
 /// The read-model routes, without state applied.
 pub fn read_model_routes() -> Router<QueryState> {
@@ -146,10 +148,23 @@ async fn board(
     actor.require_read(ReadArea::Pipeline)?;
     let (query, min) = parse::<pipeline::BoardQuery>(raw)?;
     let generation = serving(&state, "pipeline", min).await?;
-    pipeline::board(read_db(&state)?, &generation.tables(), &query)
+    let key = BoardKey {
+        generation: generation.generation,
+        checkpoint: generation.checkpoint,
+        pipeline: query.pipeline.clone(),
+        owner: query.owner.clone(),
+    };
+    let db = read_db(&state)?;
+    let board = state
+        .boards
+        .try_get_with(key, async {
+            pipeline::board(db, &generation.tables(), &query)
+                .await
+                .map(Arc::new)
+        })
         .await
-        .map(Json)
-        .map_err(|e| Problem::from_database(&e))
+        .map_err(|e| Problem::from_database(&e))?;
+    Ok(Json(BoardView::clone(&board)))
 }
 
 async fn forecast(

@@ -1,0 +1,268 @@
+//! The service under test: a real `crm serve` child process (embedded SQLite
+//! or a throwaway PostgreSQL database), its admin token, HTTP client and RSS.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use crm_eventlog::testing::PgTestDb;
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Which event log `crm serve` runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn label(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+        }
+    }
+}
+
+/// Path of the `crm` binary: `$CRM_BIN`, or the one cargo built next to this
+/// executable (so `cargo build --release -p crm -p crm-bench` pairs them).
+pub fn crm_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("CRM_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("locating crm-bench")?;
+    let mut dir = exe.parent().context("crm-bench has no directory")?;
+    // Test executables live one level down, in target/<profile>/deps.
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("target dir")?;
+    }
+    let binary = dir.join(format!("crm{}", std::env::consts::EXE_SUFFIX));
+    if !binary.exists() {
+        bail!(
+            "{} is missing: build it first (`cargo build --release -p crm -p crm-bench`) or set CRM_BIN",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+/// Where and as whom load clients talk to the service (cheap to clone).
+#[derive(Clone)]
+pub struct Target {
+    pub base_url: String,
+    pub token: String,
+    pub http: reqwest::Client,
+}
+
+impl Target {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// GET `path` as JSON; a non-2xx answer is an error.
+    pub async fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let response = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("GET {path}"))?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!("GET {path}: {status} {body}");
+        }
+        Ok(body)
+    }
+}
+
+/// A running `crm serve`, stopped and cleaned up by [`Server::finish`].
+pub struct Server {
+    child: Child,
+    pub backend: Backend,
+    pub target: Target,
+    data_dir: TempDir,
+    secret: String,
+    pg: Option<PgTestDb>,
+}
+
+impl Server {
+    /// Starts `crm serve` on a fresh store.
+    pub async fn start(backend: Backend) -> anyhow::Result<Server> {
+        let data_dir = tempfile::Builder::new()
+            .prefix("crm-bench-")
+            .tempdir()
+            .context("creating a data dir")?;
+        let pg = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(
+                PgTestDb::create()
+                    .await
+                    .context("PostgreSQL is unreachable (set CRM_TEST_PG_URL)")?,
+            ),
+        };
+        let secret = format!("bench-{}", uuid::Uuid::new_v4().simple());
+        let (child, base_url) = spawn(data_dir.path(), pg.as_ref(), &secret).await?;
+        let token = issue_token(data_dir.path(), &secret).await?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Server {
+            child,
+            backend,
+            target: Target {
+                base_url,
+                token,
+                http,
+            },
+            data_dir,
+            secret,
+            pg,
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
+    /// The PostgreSQL database the service runs on, if any.
+    pub fn database_url(&self) -> Option<&str> {
+        self.pg.as_ref().map(|db| db.url.as_str())
+    }
+
+    /// Stops the process (SIGKILL: nothing left to flush that the log has not
+    /// committed) and starts it again on the same store.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await.context("stopping crm serve")?;
+        let (child, base_url) = spawn(self.data_dir.path(), self.pg.as_ref(), &self.secret).await?;
+        self.child = child;
+        self.target.base_url = base_url;
+        Ok(())
+    }
+
+    /// Runs another `crm` subcommand against this server's store; its stdout.
+    pub async fn crm(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut command = Command::new(crm_binary()?);
+        command
+            .args(args)
+            .env("CRM_DATA_DIR", self.data_dir.path())
+            .env_remove("CRM_DATABASE_URL")
+            .stdin(Stdio::null());
+        if let Some(db) = &self.pg {
+            command.env("CRM_DATABASE_URL", &db.url);
+        }
+        let output = command.output().await.context("running crm")?;
+        if !output.status.success() {
+            bail!(
+                "crm {args:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Resident and peak resident memory of the process, in MiB.
+    pub fn memory_mib(&self) -> anyhow::Result<Memory> {
+        let pid = self.pid().context("crm serve has exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .context("reading /proc/<pid>/status (Linux only)")?;
+        let field = |name: &str| -> anyhow::Result<f64> {
+            let line = status
+                .lines()
+                .find(|line| line.starts_with(name))
+                .with_context(|| format!("{name} missing from /proc/{pid}/status"))?;
+            let kib: f64 = line
+                .split_whitespace()
+                .nth(1)
+                .context("no value")?
+                .parse()
+                .context("not a number")?;
+            Ok(kib / 1024.0)
+        };
+        Ok(Memory {
+            rss_mib: field("VmRSS:")?,
+            peak_rss_mib: field("VmHWM:")?,
+        })
+    }
+
+    /// Stops the process and removes its store.
+    pub async fn finish(mut self) {
+        let _ = self.child.kill().await;
+        if let Some(db) = self.pg.take() {
+            db.drop_db().await;
+        }
+    }
+}
+
+/// Memory of a process, from /proc.
+#[derive(Debug, Clone, Copy)]
+pub struct Memory {
+    pub rss_mib: f64,
+    pub peak_rss_mib: f64,
+}
+
+async fn spawn(
+    data_dir: &Path,
+    pg: Option<&PgTestDb>,
+    secret: &str,
+) -> anyhow::Result<(Child, String)> {
+    let mut command = Command::new(crm_binary()?);
+    command
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--http-addr")
+        .arg("127.0.0.1:0")
+        .env("CRM_TOKEN_SECRET", secret)
+        .env_remove("CRM_DATABASE_URL")
+        .env("CRM_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    if let Some(db) = pg {
+        command.env("CRM_DATABASE_URL", &db.url);
+    }
+    let mut child = command.spawn().context("spawning crm serve")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let base_url = tokio::time::timeout(Duration::from_secs(600), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(address) = line.strip_prefix("crm listening on ") {
+                return Ok(address.trim().to_string());
+            }
+        }
+        bail!("crm serve exited before listening")
+    })
+    .await
+    .context("crm serve did not start within 600 s")??;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, base_url))
+}
+
+async fn issue_token(data_dir: &Path, secret: &str) -> anyhow::Result<String> {
+    let output = Command::new(crm_binary()?)
+        .args(["token", "issue", "--actor", "crm-bench", "--role", "admin"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("CRM_TOKEN_SECRET", secret)
+        .output()
+        .await
+        .context("running crm token issue")?;
+    if !output.status.success() {
+        bail!(
+            "crm token issue failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
