@@ -1,9 +1,11 @@
 //! SQLite backend: one writer connection owned by a group-commit writer task, plus a read pool.
 //!
 //! Group commit: the writer task takes every request queued on its channel (up to
-//! [`MAX_GROUP`]), opens ONE `BEGIN IMMEDIATE` transaction, runs each request inside its own
-//! `SAVEPOINT` (a conflict or duplicate rolls back only that request), commits once (one WAL
-//! fsync for the whole group) and only then answers each requester. If the commit fails, every
+//! [`MAX_GROUP`]), opens ONE `BEGIN IMMEDIATE` transaction, reads the idempotency records and
+//! stream versions the group touches, decides each request in queue order in memory (a
+//! conflict or duplicate refuses that request alone, before anything is written), writes the
+//! accepted ones with multi-row statements, commits once (one WAL fsync for the whole group)
+//! and only then answers each requester. If a write or the commit fails, every accepted
 //! request of the group gets an error and nothing of the group is visible.
 //!
 //! Durability: `journal_mode=WAL`, `synchronous=FULL`: an append is acknowledged only after its
@@ -13,6 +15,7 @@
 //! Positions are assigned by the single writer from its in-memory head (reloaded after any
 //! failed group), so they are contiguous and strictly commit ordered: readers cannot see gaps.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -297,7 +300,12 @@ async fn run_writer(
     }
 }
 
-enum Pending {
+async fn exec(conn: &mut SqliteConnection, sql: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(sql).execute(&mut *conn).await.map(|_| ())
+}
+
+/// A request of a group and the answer it will get once the group ends.
+enum Answer {
     Append(
         oneshot::Sender<Result<AppendOutcome, LogError>>,
         Result<AppendOutcome, LogError>,
@@ -305,134 +313,405 @@ enum Pending {
     Snapshot(oneshot::Sender<Result<(), LogError>>, Result<(), LogError>),
 }
 
-impl Pending {
-    fn is_ok(&self) -> bool {
+impl Answer {
+    /// Sends the answer; a requester that gave up (dropped its future) is not an error.
+    fn send(self) {
         match self {
-            Pending::Append(_, r) => r.is_ok(),
-            Pending::Snapshot(_, r) => r.is_ok(),
+            Answer::Append(tx, r) => drop(tx.send(r)),
+            Answer::Snapshot(tx, r) => drop(tx.send(r)),
         }
     }
 
-    fn answer(self) {
-        // A requester that gave up (dropped its future) is not an error.
-        match self {
-            Pending::Append(tx, r) => drop(tx.send(r)),
-            Pending::Snapshot(tx, r) => drop(tx.send(r)),
-        }
-    }
-
+    /// The group was not written: what would have been written fails with `msg`; refusals
+    /// (conflicts, duplicates found before writing) keep their own answer.
     fn fail(self, msg: &str) {
         let err = || LogError::Database(sqlx::Error::Protocol(msg.to_string()));
         match self {
-            Pending::Append(tx, Ok(_)) => drop(tx.send(Err(err()))),
-            Pending::Snapshot(tx, Ok(_)) => drop(tx.send(Err(err()))),
-            other => other.answer(),
+            Answer::Append(tx, Ok(AppendOutcome::Committed(_))) => drop(tx.send(Err(err()))),
+            Answer::Snapshot(tx, Ok(())) => drop(tx.send(Err(err()))),
+            other => other.send(),
         }
     }
 }
 
-async fn exec(conn: &mut SqliteConnection, sql: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(sql).execute(&mut *conn).await.map(|_| ())
-}
-
 /// Runs one group in one transaction; returns the new committed head.
+///
+/// The group is decided in memory first: the stored idempotency records and stream versions
+/// it touches are read in a few statements, each request is checked against them in queue
+/// order (a conflict or duplicate refuses that request alone, before anything is written),
+/// and what the accepted requests append is then written with multi-row statements. The
+/// number of statements per group does not grow with the group (except snapshots), which is
+/// what makes a group cheaper than its requests one by one.
 async fn commit_group(conn: &mut SqliteConnection, ops: Vec<WriteOp>, committed: i64) -> i64 {
     if let Err(e) = exec(conn, "BEGIN IMMEDIATE").await {
         let msg = format!("group commit: begin failed: {e}");
         for op in ops {
-            match op {
-                WriteOp::Append { reply, .. } => {
-                    drop(reply.send(Err(LogError::Database(sqlx::Error::Protocol(msg.clone())))))
-                }
-                WriteOp::Snapshot { reply, .. } => {
-                    drop(reply.send(Err(LogError::Database(sqlx::Error::Protocol(msg.clone())))))
-                }
-            }
+            op.refuse(&msg);
         }
         return committed;
     }
-    let mut last_pos = committed;
-    let mut pending = Vec::with_capacity(ops.len());
-    let mut broken: Option<String> = None;
-    for op in ops {
-        if broken.is_some() {
-            // Transaction is unusable; answer the rest with the group error below.
-            pending.push(match op {
-                WriteOp::Append { reply, .. } => Pending::Append(reply, Err(LogError::Closed)),
-                WriteOp::Snapshot { reply, .. } => Pending::Snapshot(reply, Err(LogError::Closed)),
-            });
-            continue;
+    let plan = match GroupPlan::decide(conn, ops, committed).await {
+        Ok(plan) => plan,
+        Err((ops, e)) => {
+            drop(exec(conn, "ROLLBACK").await);
+            let msg = format!("group commit: reading the group's streams failed: {e}");
+            for op in ops {
+                op.refuse(&msg);
+            }
+            return reload_head(conn, committed).await;
         }
-        if let Err(e) = exec(conn, "SAVEPOINT op").await {
-            broken = Some(format!("group commit: savepoint failed: {e}"));
-            pending.push(match op {
-                WriteOp::Append { reply, .. } => Pending::Append(reply, Err(LogError::Closed)),
-                WriteOp::Snapshot { reply, .. } => Pending::Snapshot(reply, Err(LogError::Closed)),
-            });
-            continue;
-        }
-        let result = match op {
-            WriteOp::Append {
-                batch,
-                snapshot,
-                reply,
-            } => {
-                let mut pos = last_pos;
-                let r = apply_append(conn, &batch, snapshot.as_ref(), &mut pos).await;
-                if r.is_ok() {
-                    last_pos = pos;
+    };
+    let msg = match plan.write(conn).await {
+        Ok(()) => match exec(conn, "COMMIT").await {
+            Ok(()) => {
+                for answer in plan.answers {
+                    answer.send();
                 }
-                Pending::Append(reply, r)
+                return plan.last_position;
             }
-            WriteOp::Snapshot { snapshot, reply } => {
-                Pending::Snapshot(reply, upsert_snapshot(conn, &snapshot).await)
+            Err(e) => {
+                tracing::error!(error = %e, "event log group commit failed");
+                format!("group commit failed: {e}")
             }
-        };
-        let end = if result.is_ok() {
-            exec(conn, "RELEASE op").await
-        } else {
-            match exec(conn, "ROLLBACK TO op").await {
-                Ok(()) => exec(conn, "RELEASE op").await,
-                Err(e) => Err(e),
-            }
-        };
-        if let Err(e) = end {
-            broken = Some(format!("group commit: savepoint end failed: {e}"));
-        }
-        pending.push(result);
+        },
+        Err(e) => format!("group commit: write failed: {e}"),
+    };
+    drop(exec(conn, "ROLLBACK").await);
+    for answer in plan.answers {
+        answer.fail(&msg);
     }
-    // Group errors replace the placeholder `Closed` answers and any `Ok` answers.
-    if let Some(msg) = broken {
-        drop(exec(conn, "ROLLBACK").await);
-        fail_all(pending, &msg);
-        return reload_head(conn, committed).await;
-    }
-    if let Err(e) = exec(conn, "COMMIT").await {
-        let msg = format!("group commit failed: {e}");
-        tracing::error!(error = %e, "event log group commit failed");
-        drop(exec(conn, "ROLLBACK").await);
-        fail_all(pending, &msg);
-        return reload_head(conn, committed).await;
-    }
-    for p in pending {
-        p.answer();
-    }
-    last_pos
+    reload_head(conn, committed).await
 }
 
-fn fail_all(pending: Vec<Pending>, msg: &str) {
-    for p in pending {
-        match p {
-            Pending::Append(tx, Err(LogError::Closed)) => drop(tx.send(Err(LogError::Database(
-                sqlx::Error::Protocol(msg.to_string()),
-            )))),
-            Pending::Snapshot(tx, Err(LogError::Closed)) => drop(tx.send(Err(LogError::Database(
-                sqlx::Error::Protocol(msg.to_string()),
-            )))),
-            p if p.is_ok() => p.fail(msg),
-            p => p.answer(),
+impl WriteOp {
+    fn refuse(self, msg: &str) {
+        let err = || LogError::Database(sqlx::Error::Protocol(msg.to_string()));
+        match self {
+            WriteOp::Append { reply, .. } => drop(reply.send(Err(err()))),
+            WriteOp::Snapshot { reply, .. } => drop(reply.send(Err(err()))),
         }
     }
+}
+
+type StreamKey = (String, String, String);
+type KeyOf = (String, String);
+
+/// What one group appends, decided before anything is written.
+struct GroupPlan {
+    answers: Vec<Answer>,
+    last_position: i64,
+    events: Vec<EventRow>,
+    /// Final version of every stream the group appends to.
+    versions: Vec<(StreamKey, i64)>,
+    records: Vec<(String, IdempotencyRecord)>,
+    snapshots: Vec<SnapshotWrite>,
+}
+
+struct EventRow {
+    position: i64,
+    event_id: String,
+    tenant: String,
+    stream_type: String,
+    stream_id: String,
+    version: i64,
+    event_type: String,
+    schema_version: i32,
+    payload: String,
+    metadata: String,
+    recorded_at: String,
+}
+
+/// Keys per read of the group's stored records and versions (well under SQLite's limit of
+/// bound parameters).
+const KEYS_PER_READ: usize = 100;
+/// Rows per multi-row insert (11 parameters per event row).
+const ROWS_PER_INSERT: usize = 100;
+
+impl GroupPlan {
+    async fn decide(
+        conn: &mut SqliteConnection,
+        ops: Vec<WriteOp>,
+        committed: i64,
+    ) -> Result<GroupPlan, (Vec<WriteOp>, LogError)> {
+        let mut keys: Vec<KeyOf> = Vec::new();
+        let mut streams: Vec<StreamKey> = Vec::new();
+        for op in &ops {
+            if let WriteOp::Append { batch, .. } = op {
+                if let Some(idem) = &batch.idempotency {
+                    keys.push((batch.tenant_id.clone(), idem.key.clone()));
+                }
+                for s in &batch.streams {
+                    streams.push((
+                        batch.tenant_id.clone(),
+                        s.stream_type.clone(),
+                        s.stream_id.clone(),
+                    ));
+                }
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        streams.sort();
+        streams.dedup();
+        let stored = match read_state(conn, &keys, &streams).await {
+            Ok(stored) => stored,
+            Err(e) => return Err((ops, e)),
+        };
+        let (mut records, mut current) = stored;
+        let mut plan = GroupPlan {
+            answers: Vec::with_capacity(ops.len()),
+            last_position: committed,
+            events: Vec::new(),
+            versions: Vec::new(),
+            records: Vec::new(),
+            snapshots: Vec::new(),
+        };
+        let mut touched: Vec<StreamKey> = Vec::new();
+        for op in ops {
+            match op {
+                WriteOp::Append {
+                    batch,
+                    snapshot,
+                    reply,
+                } => {
+                    let result =
+                        plan.append(&batch, snapshot, &mut records, &mut current, &mut touched);
+                    plan.answers.push(Answer::Append(reply, result));
+                }
+                WriteOp::Snapshot { snapshot, reply } => {
+                    plan.snapshots.push(snapshot);
+                    plan.answers.push(Answer::Snapshot(reply, Ok(())));
+                }
+            }
+        }
+        touched.sort();
+        touched.dedup();
+        plan.versions = touched
+            .into_iter()
+            .map(|key| {
+                let version = current.get(&key).copied().unwrap_or(0);
+                (key, version)
+            })
+            .collect();
+        Ok(plan)
+    }
+
+    /// Decides one append against the running state; on success its rows join the plan.
+    fn append(
+        &mut self,
+        batch: &AppendBatch,
+        snapshot: Option<SnapshotWrite>,
+        records: &mut HashMap<KeyOf, IdempotencyRecord>,
+        current: &mut HashMap<StreamKey, i64>,
+        touched: &mut Vec<StreamKey>,
+    ) -> Result<AppendOutcome, LogError> {
+        let tenant = batch.tenant_id.as_str();
+        if let Some(idem) = &batch.idempotency {
+            if let Some(existing) = records.get(&(tenant.to_string(), idem.key.clone())) {
+                return Ok(AppendOutcome::Duplicate(existing.clone()));
+            }
+        }
+        let mut bases: Vec<(StreamKey, i64)> = Vec::with_capacity(batch.streams.len());
+        for s in &batch.streams {
+            let key = (
+                tenant.to_string(),
+                s.stream_type.clone(),
+                s.stream_id.clone(),
+            );
+            // A stream named twice in one batch continues after its earlier share.
+            let version = bases
+                .iter()
+                .zip(&batch.streams)
+                .filter(|((earlier, _), _)| *earlier == key)
+                .map(|((_, base), share)| base + share.events.len() as i64)
+                .last()
+                .unwrap_or_else(|| current.get(&key).copied().unwrap_or(0));
+            if let Some(expected) = s.expected_version.pinned() {
+                if expected != version {
+                    return Err(LogError::Conflict {
+                        stream_type: s.stream_type.clone(),
+                        stream_id: s.stream_id.clone(),
+                        expected,
+                        actual: version,
+                    });
+                }
+            }
+            bases.push((key, version));
+        }
+        let recorded_at = now_micros();
+        let recorded_text = rows::ts_to_text(recorded_at);
+        let mut rows = Vec::new();
+        let mut next = self.last_position;
+        let mut committed_streams = Vec::with_capacity(batch.streams.len());
+        for (s, (_, base)) in batch.streams.iter().zip(&bases) {
+            for (i, e) in s.events.iter().enumerate() {
+                next += 1;
+                rows.push(EventRow {
+                    position: next,
+                    event_id: e.event_id.hyphenated().to_string(),
+                    tenant: tenant.to_string(),
+                    stream_type: s.stream_type.clone(),
+                    stream_id: s.stream_id.clone(),
+                    version: base + 1 + i as i64,
+                    event_type: e.event_type.clone(),
+                    schema_version: e.schema_version,
+                    payload: serde_json::to_string(&e.payload)?,
+                    metadata: serde_json::to_string(&e.metadata)?,
+                    recorded_at: recorded_text.clone(),
+                });
+            }
+            committed_streams.push(CommittedStream {
+                stream_type: s.stream_type.clone(),
+                stream_id: s.stream_id.clone(),
+                first_version: base + 1,
+                last_version: base + s.events.len() as i64,
+                last_position: next,
+            });
+        }
+        // Accepted: from here on nothing can refuse it.
+        for ((key, base), s) in bases.into_iter().zip(&batch.streams) {
+            current.insert(key.clone(), base + s.events.len() as i64);
+            touched.push(key);
+        }
+        if let (Some(idem), Some(first)) = (&batch.idempotency, committed_streams.first()) {
+            let record = IdempotencyRecord {
+                key: idem.key.clone(),
+                request_hash: idem.request_hash.clone(),
+                status: idem.status,
+                stream_type: first.stream_type.clone(),
+                stream_id: first.stream_id.clone(),
+                version: first.last_version,
+                position: first.last_position,
+                created_at: recorded_at,
+            };
+            records.insert((tenant.to_string(), idem.key.clone()), record.clone());
+            self.records.push((tenant.to_string(), record));
+        }
+        self.snapshots.extend(snapshot);
+        let first_position = self.last_position + 1;
+        self.events.extend(rows);
+        self.last_position = next;
+        Ok(AppendOutcome::Committed(Committed {
+            streams: committed_streams,
+            first_position,
+            last_position: next,
+            recorded_at,
+        }))
+    }
+
+    /// Writes the accepted appends: events, stream versions, idempotency records, snapshots.
+    async fn write(&self, conn: &mut SqliteConnection) -> Result<(), LogError> {
+        for chunk in self.events.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO events (global_position, event_id, tenant_id, stream_type, stream_id, \
+                 version, event_type, schema_version, payload, metadata, recorded_at) VALUES {}",
+                placeholders(chunk.len(), 11)
+            );
+            let mut query = sqlx::query(&sql);
+            for e in chunk {
+                query = query
+                    .bind(e.position)
+                    .bind(&e.event_id)
+                    .bind(&e.tenant)
+                    .bind(&e.stream_type)
+                    .bind(&e.stream_id)
+                    .bind(e.version)
+                    .bind(&e.event_type)
+                    .bind(e.schema_version)
+                    .bind(&e.payload)
+                    .bind(&e.metadata)
+                    .bind(&e.recorded_at);
+            }
+            query.execute(&mut *conn).await?;
+        }
+        for chunk in self.versions.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO streams (tenant_id, stream_type, stream_id, version) VALUES {} \
+                 ON CONFLICT (tenant_id, stream_type, stream_id) DO UPDATE SET version = excluded.version",
+                placeholders(chunk.len(), 4)
+            );
+            let mut query = sqlx::query(&sql);
+            for ((tenant, stream_type, stream_id), version) in chunk {
+                query = query
+                    .bind(tenant)
+                    .bind(stream_type)
+                    .bind(stream_id)
+                    .bind(*version);
+            }
+            query.execute(&mut *conn).await?;
+        }
+        for chunk in self.records.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO idempotency_records (tenant_id, key, request_hash, status, stream_type, \
+                 stream_id, version, position, created_at) VALUES {}",
+                placeholders(chunk.len(), 9)
+            );
+            let mut query = sqlx::query(&sql);
+            for (tenant, r) in chunk {
+                query = query
+                    .bind(tenant)
+                    .bind(&r.key)
+                    .bind(&r.request_hash)
+                    .bind(i64::from(r.status))
+                    .bind(&r.stream_type)
+                    .bind(&r.stream_id)
+                    .bind(r.version)
+                    .bind(r.position)
+                    .bind(rows::ts_to_text(r.created_at));
+            }
+            query.execute(&mut *conn).await?;
+        }
+        for snapshot in &self.snapshots {
+            upsert_snapshot(conn, snapshot).await?;
+        }
+        Ok(())
+    }
+}
+
+/// `(?, ?), (?, ?)`: `rows` rows of `columns` parameters.
+fn placeholders(rows: usize, columns: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    vec![row; rows].join(", ")
+}
+
+/// The stored idempotency records and stream versions a group touches.
+async fn read_state(
+    conn: &mut SqliteConnection,
+    keys: &[KeyOf],
+    streams: &[StreamKey],
+) -> Result<(HashMap<KeyOf, IdempotencyRecord>, HashMap<StreamKey, i64>), LogError> {
+    let mut records = HashMap::new();
+    for chunk in keys.chunks(KEYS_PER_READ) {
+        let wanted = vec!["(tenant_id = ? AND key = ?)"; chunk.len()].join(" OR ");
+        let sql = format!(
+            "SELECT tenant_id, {IDEMPOTENCY_COLUMNS} FROM idempotency_records WHERE {wanted}"
+        );
+        let mut query = sqlx::query(&sql);
+        for (tenant, key) in chunk {
+            query = query.bind(tenant).bind(key);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            let tenant: String = sqlx::Row::try_get(&row, "tenant_id")?;
+            let record = rows::sqlite_idempotency(&row)?;
+            records.insert((tenant, record.key.clone()), record);
+        }
+    }
+    let mut versions = HashMap::new();
+    for chunk in streams.chunks(KEYS_PER_READ) {
+        let wanted =
+            vec!["(tenant_id = ? AND stream_type = ? AND stream_id = ?)"; chunk.len()].join(" OR ");
+        let sql = format!(
+            "SELECT tenant_id, stream_type, stream_id, version FROM streams WHERE {wanted}"
+        );
+        let mut query = sqlx::query_as::<_, (String, String, String, i64)>(&sql);
+        for (tenant, stream_type, stream_id) in chunk {
+            query = query.bind(tenant).bind(stream_type).bind(stream_id);
+        }
+        for (tenant, stream_type, stream_id, version) in query.fetch_all(&mut *conn).await? {
+            versions.insert((tenant, stream_type, stream_id), version);
+        }
+    }
+    Ok((records, versions))
 }
 
 async fn reload_head(conn: &mut SqliteConnection, fallback: i64) -> i64 {
@@ -440,133 +719,6 @@ async fn reload_head(conn: &mut SqliteConnection, fallback: i64) -> i64 {
         .fetch_one(&mut *conn)
         .await
         .unwrap_or(fallback)
-}
-
-async fn find_idempotency(
-    conn: &mut SqliteConnection,
-    tenant: &str,
-    key: &str,
-) -> Result<Option<IdempotencyRecord>, LogError> {
-    let sql = format!(
-        "SELECT {IDEMPOTENCY_COLUMNS} FROM idempotency_records WHERE tenant_id = ? AND key = ?"
-    );
-    sqlx::query(&sql)
-        .bind(tenant)
-        .bind(key)
-        .fetch_optional(&mut *conn)
-        .await?
-        .as_ref()
-        .map(rows::sqlite_idempotency)
-        .transpose()
-}
-
-/// One request inside the group transaction (its own savepoint). `pos` is the last assigned
-/// position; advanced only by the caller on success.
-async fn apply_append(
-    conn: &mut SqliteConnection,
-    batch: &AppendBatch,
-    snapshot: Option<&SnapshotWrite>,
-    pos: &mut i64,
-) -> Result<AppendOutcome, LogError> {
-    let tenant = batch.tenant_id.as_str();
-    if let Some(idem) = &batch.idempotency {
-        if let Some(existing) = find_idempotency(conn, tenant, &idem.key).await? {
-            return Ok(AppendOutcome::Duplicate(existing));
-        }
-    }
-    let recorded_at = now_micros();
-    let recorded_text = rows::ts_to_text(recorded_at);
-    let first_position = *pos + 1;
-    let mut next = *pos;
-    let mut streams = Vec::with_capacity(batch.streams.len());
-    for s in &batch.streams {
-        let current: i64 = sqlx::query_scalar(
-            "SELECT version FROM streams WHERE tenant_id = ? AND stream_type = ? AND stream_id = ?",
-        )
-        .bind(tenant)
-        .bind(&s.stream_type)
-        .bind(&s.stream_id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .unwrap_or(0);
-        if let Some(expected) = s.expected_version.pinned() {
-            if expected != current {
-                return Err(LogError::Conflict {
-                    stream_type: s.stream_type.clone(),
-                    stream_id: s.stream_id.clone(),
-                    expected,
-                    actual: current,
-                });
-            }
-        }
-        let last_version = current + s.events.len() as i64;
-        sqlx::query(
-            "INSERT INTO streams (tenant_id, stream_type, stream_id, version) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (tenant_id, stream_type, stream_id) DO UPDATE SET version = excluded.version",
-        )
-        .bind(tenant)
-        .bind(&s.stream_type)
-        .bind(&s.stream_id)
-        .bind(last_version)
-        .execute(&mut *conn)
-        .await?;
-        for (i, e) in s.events.iter().enumerate() {
-            next += 1;
-            sqlx::query(
-                "INSERT INTO events (global_position, event_id, tenant_id, stream_type, stream_id, \
-                 version, event_type, schema_version, payload, metadata, recorded_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(next)
-            .bind(e.event_id.hyphenated().to_string())
-            .bind(tenant)
-            .bind(&s.stream_type)
-            .bind(&s.stream_id)
-            .bind(current + 1 + i as i64)
-            .bind(&e.event_type)
-            .bind(e.schema_version)
-            .bind(serde_json::to_string(&e.payload)?)
-            .bind(serde_json::to_string(&e.metadata)?)
-            .bind(&recorded_text)
-            .execute(&mut *conn)
-            .await?;
-        }
-        streams.push(CommittedStream {
-            stream_type: s.stream_type.clone(),
-            stream_id: s.stream_id.clone(),
-            first_version: current + 1,
-            last_version,
-            last_position: next,
-        });
-    }
-    if let Some(idem) = &batch.idempotency {
-        let first = &streams[0];
-        sqlx::query(
-            "INSERT INTO idempotency_records (tenant_id, key, request_hash, status, stream_type, \
-             stream_id, version, position, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(tenant)
-        .bind(&idem.key)
-        .bind(&idem.request_hash)
-        .bind(i64::from(idem.status))
-        .bind(&first.stream_type)
-        .bind(&first.stream_id)
-        .bind(first.last_version)
-        .bind(first.last_position)
-        .bind(&recorded_text)
-        .execute(&mut *conn)
-        .await?;
-    }
-    if let Some(snap) = snapshot {
-        upsert_snapshot(conn, snap).await?;
-    }
-    *pos = next;
-    Ok(AppendOutcome::Committed(Committed {
-        streams,
-        first_position,
-        last_position: next,
-        recorded_at,
-    }))
 }
 
 async fn upsert_snapshot(conn: &mut SqliteConnection, s: &SnapshotWrite) -> Result<(), LogError> {

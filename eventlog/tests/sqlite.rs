@@ -172,3 +172,66 @@ async fn group_commit_isolates_failures_within_a_group() {
     }
     log.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_request_leaves_its_key_free_and_a_stream_named_twice_continues() {
+    use crm_eventlog::{AppendBatch, NewIdempotencyRecord};
+    let (_dir, url) = sqlite_temp();
+    let log = EventLog::connect(&url).await.unwrap();
+    let keyed = |streams, key: &str| AppendBatch {
+        tenant_id: T.to_string(),
+        streams,
+        idempotency: Some(NewIdempotencyRecord {
+            key: key.to_string(),
+            request_hash: "h".into(),
+            status: 200,
+        }),
+    };
+    // In one group: a request that conflicts (stream "a" does not exist at version 5) and one
+    // that names stream "b" twice.
+    let (refused, twice) = tokio::join!(
+        log.append(keyed(
+            vec![stream("lead", "a", ExpectedVersion::Exact(5), 1)],
+            "k1"
+        )),
+        log.append(batch(vec![
+            stream("lead", "b", ExpectedVersion::NoStream, 2),
+            stream("lead", "b", ExpectedVersion::Any, 1),
+        ])),
+    );
+    assert!(
+        matches!(refused, Err(LogError::Conflict { .. })),
+        "{refused:?}"
+    );
+    let twice = committed(twice.unwrap());
+    assert_eq!(twice.streams[0].first_version, 1);
+    assert_eq!(twice.streams[1].first_version, 3);
+    assert_eq!(log.stream_version(T, "lead", "b").await.unwrap(), 3);
+    let versions: Vec<i64> = log
+        .read_stream(T, "lead", "b", 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(versions, vec![1, 2, 3]);
+    // The refused request's key was not claimed: its retry with the right version commits.
+    assert!(log.idempotency_record(T, "k1").await.unwrap().is_none());
+    let retried = log
+        .append(keyed(
+            vec![stream("lead", "a", ExpectedVersion::NoStream, 1)],
+            "k1",
+        ))
+        .await
+        .unwrap();
+    committed(retried);
+    assert_eq!(
+        log.idempotency_record(T, "k1")
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        1
+    );
+    log.close().await;
+}
