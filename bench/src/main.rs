@@ -339,6 +339,9 @@ async fn sqlite(args: &Args, data: &Dataset, report: &mut Report) -> anyhow::Res
     let peak = fleet
         .closed_loop(&target, args.duration(), "commands, closed loop (peak)")
         .await?;
+    // Queries are measured on caught-up read models, as in the PostgreSQL section.
+    let peak_head = peak.acks.iter().map(|ack| ack.position).max().unwrap_or(0);
+    runs::wait_caught_up(&target, peak_head, Duration::from_secs(600)).await?;
     let queries = query_runs(args, &target, &world).await?;
     let fill = fleet.fill(&target, args.events).await?;
     let head = fill.acks.iter().map(|ack| ack.position).max().unwrap_or(0);

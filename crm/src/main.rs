@@ -16,6 +16,12 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use crm_command_service::{Role, Tokens};
 
+/// mimalloc instead of the system allocator: the service allocates many short-lived
+/// buffers (JSON, rows) across threads, where glibc's per-thread arenas keep freed memory
+/// resident (measured by crm-bench: see bench/README.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "crm",

@@ -16,6 +16,7 @@
 
 mod cqrs;
 mod error;
+mod pg_group;
 mod postgres;
 pub mod relay;
 mod rows;

@@ -524,7 +524,7 @@ impl GroupPlan {
                 .zip(&batch.streams)
                 .filter(|((earlier, _), _)| *earlier == key)
                 .map(|((_, base), share)| base + share.events.len() as i64)
-                .last()
+                .next_back()
                 .unwrap_or_else(|| current.get(&key).copied().unwrap_or(0));
             if let Some(expected) = s.expected_version.pinned() {
                 if expected != version {
