@@ -40,8 +40,8 @@ struct Args {
     /// Stream lengths of the cqrs-es comparison.
     #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
     stream_lengths: Vec<usize>,
-    /// Clients of the stream-length comparison.
-    #[arg(long, default_value_t = 4)]
+    /// Clients of the stream-length comparison (each owns its streams).
+    #[arg(long, default_value_t = 16)]
     stream_clients: usize,
     /// Only these scenarios (comma-separated): direct, postgres, streams, sqlite.
     #[arg(long, value_delimiter = ',')]

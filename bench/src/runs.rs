@@ -305,6 +305,10 @@ pub async fn streams(
         }
     }))
     .await?;
+    // The clock starts on caught-up read models: seeding a long stream leaves the projections
+    // a backlog that would otherwise compete with the measured commands.
+    let head = log_head(target).await?;
+    wait_caught_up(target, head, Duration::from_secs(600)).await?;
     let started = Instant::now();
     let tasks: Vec<_> = seeded
         .into_iter()
@@ -422,6 +426,15 @@ pub async fn projections_checkpoint(target: &Target) -> anyhow::Result<(i64, Vec
     }
     anyhow::ensure!(!names.is_empty(), "no active projection");
     Ok((lowest, names))
+}
+
+/// The log's head position, as `/v1/projections` reports it.
+pub async fn log_head(target: &Target) -> anyhow::Result<i64> {
+    let body = target.get("/v1/projections").await?;
+    body["projections"]
+        .as_array()
+        .and_then(|projections| projections.iter().filter_map(|p| p["head"].as_i64()).max())
+        .context("no head in /v1/projections")
 }
 
 /// Waits until every active projection reached `position`.

@@ -6,9 +6,11 @@
 //!   stops waiting (future dropped) may still commit; retry with an idempotency key.
 //!   Positions are assigned by the single writer, so they are contiguous and commit ordered by
 //!   construction.
-//! * **PostgreSQL**: appends run concurrently on a pool; positions are handed out from a one-row
-//!   `log_head` table under a row lock held until commit, so positions become visible strictly in
-//!   commit order and a reader paging by position never skips a late-committing event.
+//! * **PostgreSQL**: a *group-commit* writer task per process commits the queued appends in one
+//!   transaction of set-based statements (several processes may write at once); positions are
+//!   handed out from a one-row `log_head` table under a row lock held until commit, so positions
+//!   become visible strictly in commit order and a reader paging by position never skips a
+//!   late-committing event.
 //!   Commits `NOTIFY crm_eventlog_head`; a background listener moves [`EventLog::subscribe`].
 //!
 //! Also: idempotency records written in the same transaction as the events, snapshots, and an
@@ -360,7 +362,7 @@ impl EventLog {
     }
 
     /// Test hook (feature `testing`): on PostgreSQL, sleep a random time up to `max` after a
-    /// batch is written and before it commits (while holding the position lock), to widen
+    /// group is written and before it commits (while holding the position lock), to widen
     /// commit races in concurrency tests. No effect on SQLite.
     #[cfg(feature = "testing")]
     pub fn set_pre_commit_delay(&self, max: std::time::Duration) {

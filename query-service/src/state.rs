@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use axum::extract::FromRef;
 use crm_eventlog::EventLog;
+use crm_projection_service::history::TimelineEntry;
 use crm_projection_service::pipeline::BoardView;
+use crm_projection_service::records::Page;
 use crm_projection_service::ReadDb;
 use crm_service_kit::auth::Tokens;
 use tokio::sync::watch;
@@ -50,7 +52,26 @@ pub struct QueryState {
     pub read: Option<ReadDb>,
     /// Pipeline boards by the generation and checkpoint they were read at.
     pub boards: BoardCache,
+    /// Timeline pages by the history and records checkpoints they were read at.
+    pub timelines: TimelineCache,
 }
+
+/// Which timeline page, read at which state of the history and records read
+/// models (the page depends on nothing else).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct TimelineKey {
+    pub history: (i64, i64),
+    pub records: (i64, i64),
+    pub account_id: Option<String>,
+    pub contact_id: Option<String>,
+    pub kind: Option<String>,
+    pub cursor: Option<String>,
+    pub limit: Option<i64>,
+}
+
+/// Timeline pages shared, like boards, by the requests that find the read
+/// models at the same checkpoints.
+pub type TimelineCache = moka::future::Cache<TimelineKey, Arc<Page<TimelineEntry>>>;
 
 /// Which board, read at which state of the pipeline read model. A board
 /// depends on nothing else, so one computed at a checkpoint answers every
@@ -69,9 +90,15 @@ pub struct BoardKey {
 /// one in flight instead of repeating it).
 pub type BoardCache = moka::future::Cache<BoardKey, Arc<BoardView>>;
 
-fn board_cache() -> BoardCache {
+/// Short-lived and bounded: an entry only serves while its checkpoint is the
+/// newest, so a large or long-lived cache would only hold dead pages.
+fn view_cache<K, V>(capacity: u64) -> moka::future::Cache<K, V>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
     moka::future::Cache::builder()
-        .max_capacity(256)
+        .max_capacity(capacity)
         .time_to_live(Duration::from_secs(60))
         .build()
 }
@@ -84,7 +111,8 @@ impl QueryState {
             tokens,
             live: LiveSettings::default(),
             read: None,
-            boards: board_cache(),
+            boards: view_cache(256),
+            timelines: view_cache(512),
         }
     }
 

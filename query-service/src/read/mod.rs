@@ -24,7 +24,7 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::state::{BoardKey, QueryState};
+use crate::state::{BoardKey, QueryState, TimelineKey};
 
 /// The read-model routes, without state applied.
 pub fn read_model_routes() -> Router<QueryState> {
@@ -315,16 +315,6 @@ async fn timeline(
         (None, None) => return Err(Problem::not_found("no such timeline")),
     };
     let records = serving(state, "records", min).await?;
-    if records::get(read_db(state)?, &records.tables(), kind, &id)
-        .await
-        .map_err(query_problem)?
-        .is_none()
-    {
-        return Err(Problem::not_found(format!(
-            "no {} with id {id}",
-            kind.as_str()
-        )));
-    }
     let query = history::TimelineQuery {
         account_id: account_id.map(|id| id.to_ascii_lowercase()),
         contact_id: contact_id.map(|id| id.to_ascii_lowercase()),
@@ -332,10 +322,37 @@ async fn timeline(
         cursor: params.cursor,
         limit: params.limit,
     };
-    history::timeline(read_db(state)?, &generation.tables(), &query)
+    let key = TimelineKey {
+        history: (generation.generation, generation.checkpoint),
+        records: (records.generation, records.checkpoint),
+        account_id: query.account_id.clone(),
+        contact_id: query.contact_id.clone(),
+        kind: query.kind.clone(),
+        cursor: query.cursor.clone(),
+        limit: query.limit,
+    };
+    let db = read_db(state)?;
+    let page = state
+        .timelines
+        .try_get_with(key, async {
+            if records::get(db, &records.tables(), kind, &id)
+                .await
+                .map_err(query_problem)?
+                .is_none()
+            {
+                return Err(Problem::not_found(format!(
+                    "no {} with id {id}",
+                    kind.as_str()
+                )));
+            }
+            history::timeline(db, &generation.tables(), &query)
+                .await
+                .map(Arc::new)
+                .map_err(query_problem)
+        })
         .await
-        .map(Json)
-        .map_err(query_problem)
+        .map_err(|problem| Problem::clone(&problem))?;
+    Ok(Json(records::Page::clone(&page)))
 }
 
 async fn customer_history(
