@@ -127,15 +127,6 @@ pub fn values_placeholders(rows: usize, columns: usize) -> String {
     sql
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn placeholders_number_rows_then_columns() {
-        assert_eq!(super::values_placeholders(2, 2), "($1, $2), ($3, $4)");
-        assert_eq!(super::values_placeholders(1, 3), "($1, $2, $3)");
-    }
-}
-
 /// Decodes an event's payload into a domain event type.
 pub fn decode<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E, ProjectionError> {
     serde_json::from_value(event.payload.clone()).map_err(|error| ProjectionError::Decode {
@@ -143,4 +134,13 @@ pub fn decode<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E
         event_type: event.event_type.clone(),
         message: error.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn placeholders_number_rows_then_columns() {
+        assert_eq!(super::values_placeholders(2, 2), "($1, $2), ($3, $4)");
+        assert_eq!(super::values_placeholders(1, 3), "($1, $2, $3)");
+    }
 }

@@ -400,9 +400,10 @@ impl Projection for RecordsProjection {
         let mut touched: HashMap<(RecordKind, String), Folded> = HashMap::new();
         for event in events {
             if let Some(kind) = RecordKind::from_stream_type(&event.stream_type) {
-                let key = (kind, event.stream_id.clone());
-                if !touched.contains_key(&key) {
-                    touched.insert(key, Folded::default());
+                if let std::collections::hash_map::Entry::Vacant(slot) =
+                    touched.entry((kind, event.stream_id.clone()))
+                {
+                    slot.insert(Folded::default());
                     order.push((kind, event.stream_id.as_str()));
                 }
             }
