@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use cqrs_es::DomainEvent;
 use crm_domain::error::DomainError;
+use crm_domain::ValidationErrors;
 use crm_eventlog::{
     AppendBatch, AppendOutcome, EventLog, ExpectedVersion, IdempotencyRecord, LogError, NewEvent,
     NewIdempotencyRecord, Snapshot, StreamAppend,
@@ -192,11 +193,31 @@ impl Executor {
     where
         A::Command: Clone,
     {
+        self.execute_built::<A>(ctx, stream_id, |_| Ok(command), mode)
+            .await
+    }
+
+    /// Runs the command `build` makes, built once this request has the
+    /// stream's turn, at an instant no earlier than the commands before it:
+    /// a command whose time defaults to "now" must not be refused for
+    /// predating a concurrent command that took the stream's turn first.
+    pub async fn execute_built<A: Stream>(
+        &self,
+        ctx: &CommandContext,
+        stream_id: Uuid,
+        build: impl FnOnce(DateTime<Utc>) -> Result<A::Command, ValidationErrors>,
+        mode: Mode,
+    ) -> Result<Outcome, CommandError>
+    where
+        A::Command: Clone,
+    {
         if let Some(outcome) = self.replay(ctx).await? {
             return Ok(outcome);
         }
         let stream_id = stream_id.to_string();
         let _turn = self.locks.lock(A::TYPE, &stream_id).await;
+        let now = Utc::now().max(ctx.now);
+        let command = build(now).map_err(|errors| Problem::validation(errors.0))?;
         for attempt in 1..=MAX_ATTEMPTS {
             let loaded = self.load::<A>(&ctx.actor.tenant, &stream_id).await?;
             if let Some(outcome) = self.check_existence(ctx, &loaded, &stream_id, mode).await? {

@@ -31,7 +31,7 @@ pub async fn register(
         path: "POST /v1/accounts",
     };
     run::<Account>(&app, &actor, &headers, route, id, &body.body_hash, |now| {
-        body.value.into_command(AccountId::new(id), now)
+        body.value.clone().into_command(AccountId::new(id), now)
     })
     .await
 }
@@ -53,7 +53,7 @@ pub async fn update(
         path: "PATCH /v1/accounts/{id}",
     };
     run::<Account>(&app, &actor, &headers, route, id, &body.body_hash, |now| {
-        body.value.into_command(now)
+        body.value.clone().into_command(now)
     })
     .await
 }

@@ -42,7 +42,7 @@ pub async fn open(
         path: "POST /v1/cases",
     };
     run::<Case>(&app, &actor, &headers, route, id, &body.body_hash, |now| {
-        body.value.into_command(CaseId::new(id), now)
+        body.value.clone().into_command(CaseId::new(id), now)
     })
     .await
 }

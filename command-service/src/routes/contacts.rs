@@ -38,7 +38,7 @@ pub async fn create(
         path: "POST /v1/contacts",
     };
     run::<Contact>(&app, &actor, &headers, route, id, &body.body_hash, |now| {
-        body.value.into_command(ContactId::new(id), now)
+        body.value.clone().into_command(ContactId::new(id), now)
     })
     .await
 }
@@ -66,7 +66,7 @@ pub async fn update(
         path: "PATCH /v1/contacts/{id}",
     };
     run::<Contact>(&app, &actor, &headers, route, id, &body.body_hash, |now| {
-        body.value.into_command(now)
+        body.value.clone().into_command(now)
     })
     .await
 }
@@ -98,7 +98,7 @@ pub async fn log_activity(
         path: "POST /v1/contacts/{id}/activities",
     };
     run::<Contact>(&app, &actor, &headers, route, id, &body.body_hash, |now| {
-        body.value.into_command(activity_id, now)
+        body.value.clone().into_command(activity_id, now)
     })
     .await
 }

@@ -41,7 +41,7 @@ pub async fn capture(
         path: "POST /v1/leads",
     };
     run::<Lead>(&app, &actor, &headers, route, id, &body.body_hash, |now| {
-        body.value.into_command(LeadId::new(id), now)
+        body.value.clone().into_command(LeadId::new(id), now)
     })
     .await
 }

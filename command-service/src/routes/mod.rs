@@ -54,7 +54,7 @@ pub async fn run<A: Stream>(
     route: Route,
     stream_id: Uuid,
     body_hash: &str,
-    build: impl FnOnce(DateTime<Utc>) -> Result<A::Command, ValidationErrors>,
+    build: impl Fn(DateTime<Utc>) -> Result<A::Command, ValidationErrors>,
 ) -> Result<Outcome, CommandError>
 where
     A::Command: Clone,
@@ -67,9 +67,11 @@ where
         headers,
         body_hash,
     )?;
-    let command = build(ctx.now).map_err(|errors| Problem::validation(errors.0))?;
+    // The body is validated before anything else (a bad body is a 422 even
+    // for a key already used), and built again at the stream's turn.
+    build(ctx.now).map_err(|errors| Problem::validation(errors.0))?;
     app.executor
-        .execute::<A>(&ctx, stream_id, command, route.mode)
+        .execute_built::<A>(&ctx, stream_id, build, route.mode)
         .await
 }
 
@@ -130,7 +132,7 @@ macro_rules! update_route {
             };
             crate::routes::run::<$aggregate>(
                 &app, &actor, &headers, route, id, &body.body_hash,
-                |now| body.value.into_command(now),
+                |now| body.value.clone().into_command(now),
             )
             .await
         }

@@ -40,7 +40,7 @@ pub async fn open(
         path: "POST /v1/opportunities",
     };
     run::<Opportunity>(&app, &actor, &headers, route, id, &body.body_hash, |now| {
-        body.value.into_command(OpportunityId::new(id), now)
+        body.value.clone().into_command(OpportunityId::new(id), now)
     })
     .await
 }
