@@ -512,3 +512,46 @@ async fn the_board_follows_every_write_although_it_is_shared() {
     );
     server.finish().await;
 }
+
+/// Timeline pages are shared like the board: each new activity shows at once
+/// to a reader asking for its position, on a page read twice in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timeline_follows_every_write_although_it_is_shared() {
+    let server = Server::start(Backend::Sqlite).await.unwrap();
+    let account = created(&server, "/v1/accounts", json!({"name": "Hooli"}))
+        .await
+        .id();
+    let contact = created(
+        &server,
+        "/v1/contacts",
+        json!({"account_id": account, "name": "Gavin", "email": "gavin@hooli.example"}),
+    )
+    .await
+    .id();
+    let mut previous: Option<usize> = None;
+    for n in 1..=3 {
+        let logged = created(
+            &server,
+            &format!("/v1/contacts/{contact}/activities"),
+            json!({"kind": "call", "subject": format!("call {n}")}),
+        )
+        .await;
+        let path = format!(
+            "/v1/contacts/{contact}/history?min_position={}",
+            position(&logged)
+        );
+        let first = server.get(&path).await;
+        let second = server.get(&path).await;
+        assert_eq!(first.status, 200, "{first:?}");
+        assert_eq!(
+            first.body, second.body,
+            "the same state reads the same page"
+        );
+        let items = first.body["items"].as_array().expect("items").len();
+        if let Some(previous) = previous {
+            assert_eq!(items, previous + 1, "call {n} shows: {:?}", first.body);
+        }
+        previous = Some(items);
+    }
+    server.finish().await;
+}
