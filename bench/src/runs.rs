@@ -1,6 +1,7 @@
 //! The measured runs against a live service: closed-loop and paced command
 //! load, projection lag, stream-length runs, paced queries and rebuilds.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,13 @@ use crate::workload::{send, Ack, Client, World};
 pub struct Load {
     pub result: RunResult,
     pub acks: Vec<Ack>,
+}
+
+impl Load {
+    /// The highest log position the run's commands reached.
+    pub fn head(&self) -> i64 {
+        self.acks.iter().map(|ack| ack.position).max().unwrap_or(0)
+    }
 }
 
 /// What one load client hands back: itself (its records), its latencies,
@@ -56,7 +64,7 @@ impl Fleet {
         duration: Duration,
         name: &str,
     ) -> anyhow::Result<Load> {
-        self.drive(target, duration, None, name).await
+        self.drive(target, Until::after(duration), None, name).await
     }
 
     /// Commands at `rate` per second in all, whatever the latency (open
@@ -68,43 +76,21 @@ impl Fleet {
         duration: Duration,
         name: &str,
     ) -> anyhow::Result<Load> {
-        self.drive(target, duration, Some(rate), name).await
+        let pacer = spawn_pacer(rate, duration);
+        self.drive(target, Until::after(duration), Some(pacer), name)
+            .await
     }
 
-    /// Sends until `head` events are in the log (closed loop); the load.
+    /// Sends until `events` events are in the log (closed loop); the load.
     pub async fn fill(&mut self, target: &Target, events: i64) -> anyhow::Result<Load> {
-        let head = Arc::new(std::sync::atomic::AtomicI64::new(0));
-        let stop = head.clone();
-        let started = Instant::now();
-        let mut tasks = Vec::new();
-        for mut client in std::mem::take(&mut self.clients) {
-            let target = target.clone();
-            let head = head.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut latencies = Latencies::default();
-                let mut acks = Vec::new();
-                let mut errors = 0u64;
-                while head.load(std::sync::atomic::Ordering::Relaxed) < events {
-                    match client.step(&target).await {
-                        Ok(ack) => {
-                            head.fetch_max(ack.position, std::sync::atomic::Ordering::Relaxed);
-                            latencies.record(ack.latency);
-                            acks.push(ack);
-                        }
-                        Err(error) => {
-                            errors += 1;
-                            if errors == 1 {
-                                eprintln!("fill: {error:#}");
-                            }
-                        }
-                    }
-                }
-                (client, latencies, acks, errors)
-            }));
-        }
-        let load = self.collect(tasks, started, "fill").await?;
+        let reached = Arc::new(AtomicI64::new(0));
+        let until = Until::Head {
+            reached: reached.clone(),
+            events,
+        };
+        let load = self.drive(target, until, None, "fill").await?;
         anyhow::ensure!(
-            stop.load(std::sync::atomic::Ordering::Relaxed) >= events,
+            reached.load(Ordering::Relaxed) >= events,
             "fill stopped early"
         );
         Ok(load)
@@ -113,17 +99,17 @@ impl Fleet {
     async fn drive(
         &mut self,
         target: &Target,
-        duration: Duration,
-        rate: Option<f64>,
+        until: Until,
+        pacer: Option<Arc<Pacer>>,
         name: &str,
     ) -> anyhow::Result<Load> {
-        let pacer = rate.map(|rate| spawn_pacer(rate, duration));
         let started = Instant::now();
-        let deadline = started + duration;
         let mut tasks = Vec::new();
         for mut client in std::mem::take(&mut self.clients) {
             let target = target.clone();
             let pacer = pacer.clone();
+            let until = until.clone();
+            let label = name.to_string();
             tasks.push(tokio::spawn(async move {
                 let mut latencies = Latencies::default();
                 let mut acks = Vec::new();
@@ -136,20 +122,21 @@ impl Fleet {
                         },
                         None => Instant::now(),
                     };
-                    if Instant::now() >= deadline {
+                    if until.reached() {
                         break;
                     }
                     match client.step(&target).await {
                         Ok(mut ack) => {
                             // Open loop: the wait for a free client is part of the latency.
                             ack.latency = ack.acked_at.saturating_duration_since(turn);
+                            until.saw(ack.position);
                             latencies.record(ack.latency);
                             acks.push(ack);
                         }
                         Err(error) => {
                             errors += 1;
                             if errors == 1 {
-                                eprintln!("{error:#}");
+                                eprintln!("{label}: {error:#}");
                             }
                         }
                     }
@@ -182,6 +169,36 @@ impl Fleet {
             result: RunResult::new(name, elapsed, latencies, errors),
             acks,
         })
+    }
+}
+
+/// When a load run stops.
+#[derive(Clone)]
+enum Until {
+    Deadline(Instant),
+    /// Once an acknowledged command's position reaches `events`.
+    Head {
+        reached: Arc<AtomicI64>,
+        events: i64,
+    },
+}
+
+impl Until {
+    fn after(duration: Duration) -> Self {
+        Until::Deadline(Instant::now() + duration)
+    }
+
+    fn reached(&self) -> bool {
+        match self {
+            Until::Deadline(deadline) => Instant::now() >= *deadline,
+            Until::Head { reached, events } => reached.load(Ordering::Relaxed) >= *events,
+        }
+    }
+
+    fn saw(&self, position: i64) {
+        if let Until::Head { reached, .. } = self {
+            reached.fetch_max(position, Ordering::Relaxed);
+        }
     }
 }
 

@@ -18,7 +18,8 @@ use serde_json::{json, Value};
 use sqlx::Row;
 
 use crate::projection::{
-    decode, values_placeholders, BatchError, Projection, ProjectionError, Tables, Tx,
+    apply_as_batch, decode, values_placeholders, BatchError, Projection, ProjectionError, Tables,
+    Tx,
 };
 use crate::readdb::{timestamp, ReadDb};
 use crate::records::paging::{
@@ -438,9 +439,7 @@ impl Projection for AuditProjection {
         tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<(), ProjectionError> {
-        self.apply_batch(tx, tables, std::slice::from_ref(event))
-            .await
-            .map_err(|failure| failure.error)
+        apply_as_batch(self, tx, tables, event).await
     }
 
     /// Entries and changes of the whole batch in multi-row inserts.
@@ -453,19 +452,13 @@ impl Projection for AuditProjection {
         let mut entries = Vec::with_capacity(events.len());
         let mut changes = Vec::new();
         for (index, event) in events.iter().enumerate() {
-            let event_changes = changes_of(event).map_err(|error| BatchError {
-                index: Some(index),
-                error,
-            })?;
+            let event_changes = changes_of(event).map_err(BatchError::at(index))?;
             entries.push(EntryRow::new(event, &event_changes));
             for (seq, change) in event_changes.into_iter().enumerate() {
                 changes.push((event.position, seq as i64, change));
             }
         }
-        let whole_batch = |error: sqlx::Error| BatchError {
-            index: None,
-            error: error.into(),
-        };
+        let whole_batch = BatchError::whole_batch;
         for chunk in entries.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO {} (position, event_id, recorded_at, occurred_at, actor, roles, command, command_id,

@@ -22,7 +22,8 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use crate::projection::{
-    decode, values_placeholders, BatchError, Projection, ProjectionError, Tables, Tx,
+    apply_as_batch, decode, values_placeholders, BatchError, Projection, ProjectionError, Tables,
+    Tx,
 };
 use crate::readdb::{timestamp, ReadDb};
 use crate::records::paging::{decode_cursor, encode_cursor, json_text, page_limit, Binds};
@@ -538,9 +539,7 @@ impl Projection for HistoryProjection {
         tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<(), ProjectionError> {
-        self.apply_batch(tx, tables, std::slice::from_ref(event))
-            .await
-            .map_err(|failure| failure.error)
+        apply_as_batch(self, tx, tables, event).await
     }
 
     /// Lookup rows are kept per event (later events of the batch read them);
@@ -556,10 +555,7 @@ impl Projection for HistoryProjection {
         for (index, event) in events.iter().enumerate() {
             let entry = entry_for(tx, tables, event)
                 .await
-                .map_err(|error| BatchError {
-                    index: Some(index),
-                    error,
-                })?;
+                .map_err(BatchError::at(index))?;
             if let Some(entry) = entry {
                 entries.push((event, entry));
             }
@@ -587,10 +583,10 @@ impl Projection for HistoryProjection {
                     .bind(json_text(event.metadata.get("actor")))
                     .bind(entry.details.to_string());
             }
-            query.execute(&mut **tx).await.map_err(|error| BatchError {
-                index: None,
-                error: error.into(),
-            })?;
+            query
+                .execute(&mut **tx)
+                .await
+                .map_err(BatchError::whole_batch)?;
         }
         Ok(())
     }

@@ -89,10 +89,7 @@ pub trait Projection: Send + Sync + 'static {
         for (index, event) in events.iter().enumerate() {
             self.apply(tx, tables, event)
                 .await
-                .map_err(|error| BatchError {
-                    index: Some(index),
-                    error,
-                })?;
+                .map_err(BatchError::at(index))?;
         }
         Ok(())
     }
@@ -104,6 +101,38 @@ pub trait Projection: Send + Sync + 'static {
 pub struct BatchError {
     pub index: Option<usize>,
     pub error: ProjectionError,
+}
+
+impl BatchError {
+    /// The event at `index` of the batch could not be folded.
+    pub fn at<E: Into<ProjectionError>>(index: usize) -> impl FnOnce(E) -> BatchError {
+        move |error| BatchError {
+            index: Some(index),
+            error: error.into(),
+        }
+    }
+
+    /// A statement writing rows of several events failed.
+    pub fn whole_batch(error: sqlx::Error) -> BatchError {
+        BatchError {
+            index: None,
+            error: error.into(),
+        }
+    }
+}
+
+/// [`Projection::apply`] for a projection whose real fold is its
+/// [`Projection::apply_batch`]: a batch of one.
+pub async fn apply_as_batch<P: Projection + ?Sized>(
+    projection: &P,
+    tx: &mut Tx,
+    tables: &Tables,
+    event: &RecordedEvent,
+) -> Result<(), ProjectionError> {
+    projection
+        .apply_batch(tx, tables, std::slice::from_ref(event))
+        .await
+        .map_err(|failure| failure.error)
 }
 
 /// Rows of `columns` values each, numbered `$1..` as the read-model queries

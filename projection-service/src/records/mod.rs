@@ -24,7 +24,8 @@ use serde_json::{json, Value};
 use sqlx::Row;
 
 use crate::projection::{
-    decode, values_placeholders, BatchError, Projection, ProjectionError, Tables, Tx,
+    apply_as_batch, decode, values_placeholders, BatchError, Projection, ProjectionError, Tables,
+    Tx,
 };
 use crate::readdb::{timestamp, ReadDb};
 use paging::{decode_position_cursor, encode_cursor, page_limit, parse_time, Binds};
@@ -378,9 +379,7 @@ impl Projection for RecordsProjection {
         tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<(), ProjectionError> {
-        self.apply_batch(tx, tables, std::slice::from_ref(event))
-            .await
-            .map_err(|failure| failure.error)
+        apply_as_batch(self, tx, tables, event).await
     }
 
     /// Reads the batch's records in a few statements, folds every event into
@@ -391,10 +390,7 @@ impl Projection for RecordsProjection {
         tables: &Tables,
         events: &[RecordedEvent],
     ) -> Result<(), BatchError> {
-        let whole_batch = |error: sqlx::Error| BatchError {
-            index: None,
-            error: error.into(),
-        };
+        let whole_batch = BatchError::whole_batch;
         let records = tables.t("records");
         let mut order: Vec<(RecordKind, &str)> = Vec::new();
         let mut touched: HashMap<(RecordKind, String), Folded> = HashMap::new();
@@ -441,10 +437,7 @@ impl Projection for RecordsProjection {
             let Some(folded) = touched.get_mut(&(kind, event.stream_id.clone())) else {
                 continue;
             };
-            folded.fold(kind, event).map_err(|error| BatchError {
-                index: Some(index),
-                error,
-            })?;
+            folded.fold(kind, event).map_err(BatchError::at(index))?;
         }
         let rows: Vec<(RecordKind, &str, Folded)> = order
             .into_iter()
