@@ -45,6 +45,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let tokens = Tokens::new(&secret)?;
     let (log, read_db) = crate::stores::open(data_dir, args.database_url.as_deref()).await?;
     let tokens = Arc::new(tokens);
+    // Before the runner starts, so its first gauges and counters are kept.
+    let metrics = crate::telemetry::metrics_routes(tokens.clone())?;
     let app = App {
         executor: Arc::new(Executor::new(log.clone())),
         tokens: tokens.clone(),
@@ -75,13 +77,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown: Some(stopping.clone()),
         ..LiveSettings::default()
     };
-    let tokens_for_metrics = tokens.clone();
     let queries = QueryState::new(log.clone(), tokens)
         .with_live(live)
         .with_read_models(read_db);
     let routes = crm_command_service::routes(app)
         .merge(crm_query_service::routes(queries))
-        .merge(crate::telemetry::metrics_routes(tokens_for_metrics)?)
+        .merge(metrics)
         .merge(openapi_route());
     let router = crm_service_kit::http::stack(routes);
     let listener = tokio::net::TcpListener::bind(args.http_addr)

@@ -163,6 +163,8 @@ pub async fn migrate(stores: StoreArgs) -> anyhow::Result<()> {
 pub async fn command_service(args: CommandArgs) -> anyhow::Result<()> {
     init_tracing(args.service.log_json);
     let tokens = args.service.tokens()?;
+    // The recorder goes in first so nothing counted at startup is lost.
+    let metrics = crate::telemetry::metrics_routes(tokens.clone())?;
     let log = args.service.stores.log().await?;
     let app = App {
         executor: Arc::new(Executor::new(log.clone())),
@@ -192,7 +194,7 @@ pub async fn command_service(args: CommandArgs) -> anyhow::Result<()> {
         background.push(task);
     }
     let routes = crm_command_service::routes(app)
-        .merge(crate::telemetry::metrics_routes(tokens)?)
+        .merge(metrics)
         .merge(openapi_route());
     run_http_until("command-service", args.service.http_addr, routes, stop).await?;
     for task in background {
@@ -208,6 +210,7 @@ pub async fn query_service(args: QueryArgs) -> anyhow::Result<()> {
     let QueryArgs { service, grpc_addr } = args;
     init_tracing(service.log_json);
     let tokens = service.tokens()?;
+    let metrics = crate::telemetry::metrics_routes(tokens.clone())?;
     let log = service.stores.log().await?;
     let read = service.stores.read().await?;
     let (stop, stopping) = tokio::sync::watch::channel(false);
@@ -240,7 +243,7 @@ pub async fn query_service(args: QueryArgs) -> anyhow::Result<()> {
             log: log.clone(),
             read: Some(read),
         }))
-        .merge(crate::telemetry::metrics_routes(tokens)?);
+        .merge(metrics);
     run_http_until("query-service", service.http_addr, routes, stop).await?;
     if let Some(task) = grpc {
         let _ = task.await;
@@ -254,6 +257,8 @@ pub async fn query_service(args: QueryArgs) -> anyhow::Result<()> {
 pub async fn projection_service(args: ProjectionArgs) -> anyhow::Result<()> {
     init_tracing(args.service.log_json);
     let tokens = args.service.tokens()?;
+    // Before the workers start, so their first gauges and counters are kept.
+    let metrics = crate::telemetry::metrics_routes(tokens.clone())?;
     let log = args.service.stores.log().await?;
     let read = args.service.stores.read().await?;
     let runner = runner_settings();
@@ -289,7 +294,7 @@ pub async fn projection_service(args: ProjectionArgs) -> anyhow::Result<()> {
             log: log.clone(),
             read: Some(read),
         }))
-        .merge(crate::telemetry::metrics_routes(tokens)?);
+        .merge(metrics);
     run_http_until("projection-service", args.service.http_addr, routes, stop).await?;
     if let Err(error) = workers.await {
         tracing::error!(%error, "projection workers ended abnormally");

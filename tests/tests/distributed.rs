@@ -160,16 +160,28 @@ async fn three_services_share_one_postgres() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let metrics = http
-        .get(projections.url("/metrics"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(metrics.contains("crm_projection_position"), "{metrics}");
+    // Positions reach /metrics once a second: the head within a few seconds.
+    let wanted = format!("crm_projection_position{{projection=\"audit\"}} {position}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let metrics = http
+            .get(projections.url("/metrics"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains(&wanted) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {wanted} after 5 s: {metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let anonymous = http.get(queries.url("/v1/pipeline")).send().await.unwrap();
     assert_eq!(anonymous.status(), 401);
 
