@@ -122,6 +122,11 @@ async fn seed_and_measure(
     if let Some((id, expected)) = first_stream {
         check_replay(pool, &id, &expected).await?;
     }
+    // As for our side: fresh planner statistics before the clock starts.
+    sqlx::query("ANALYZE")
+        .execute(pool)
+        .await
+        .context("ANALYZE before the cqrs-es run")?;
 
     let barrier = Arc::new(Barrier::new(plan.clients + 1));
     let reported = Arc::new(AtomicBool::new(false));

@@ -38,6 +38,7 @@ async fn postgres_settings(pg_url: &str) -> anyhow::Result<String> {
         "synchronous_commit",
         "wal_sync_method",
         "shared_buffers",
+        "autovacuum",
     ] {
         let value: String = sqlx::query_scalar(&format!("SHOW {setting}"))
             .fetch_one(&mut conn)

@@ -167,6 +167,8 @@ async fn postgres(
     fleet
         .closed_loop(&target, Duration::from_secs(2), "warm-up")
         .await?;
+    // Each timed run starts on fresh planner statistics (see `Server::analyze`).
+    server.analyze().await?;
     let peak = fleet
         .closed_loop(&target, args.duration(), "commands, closed loop (peak)")
         .await?;
@@ -174,6 +176,7 @@ async fn postgres(
     // The closed loop outruns the projections; lag is measured from a caught-up start.
     let peak_head = peak.head();
     runs::wait_caught_up(&target, peak_head, Duration::from_secs(600)).await?;
+    server.analyze().await?;
     let database_url = server
         .database_url()
         .context("a PostgreSQL server has a database")?;
@@ -197,6 +200,7 @@ async fn postgres(
         lag_latencies,
         unseen as u64,
     );
+    server.analyze().await?;
     let queries = query_runs(args, &target, &world).await?;
     report.runs(&[&peak.result, &paced.result, &lag, &queries[0], &queries[1]]);
     report.line("Lag is sampled every 1 ms from the read models' checkpoints (rm_projections), so it reads up to ~1 ms high.");
@@ -284,7 +288,7 @@ async fn streams(args: &Args, data: &Dataset, report: &mut Report) -> anyhow::Re
         };
         let server = Server::start(Backend::Postgres).await?;
         let world = World::register(&server.target, data.clone()).await?;
-        ours.push(runs::streams(&server.target, &world, plan).await?);
+        ours.push(runs::streams(&server, &world, plan).await?);
         server.finish().await;
         theirs.push(cqrs_baseline::run(plan).await?);
     }

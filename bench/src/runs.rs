@@ -282,10 +282,11 @@ pub fn lags(acks: &[Ack], samples: &[(Instant, i64)]) -> (Latencies, usize) {
 /// Our side of the stream-length comparison: opportunities grown to
 /// `plan.stream_len` events through the API, then updated as the plan says.
 pub async fn streams(
-    target: &Target,
+    server: &Server,
     world: &Arc<World>,
     plan: StreamPlan,
 ) -> anyhow::Result<RunResult> {
+    let target = &server.target;
     let account = world
         .account_ids
         .first()
@@ -326,6 +327,7 @@ pub async fn streams(
     // a backlog that would otherwise compete with the measured commands.
     let head = log_head(target).await?;
     wait_caught_up(target, head, Duration::from_secs(600)).await?;
+    server.analyze().await?;
     let started = Instant::now();
     let tasks: Vec<_> = seeded
         .into_iter()

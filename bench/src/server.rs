@@ -139,6 +139,27 @@ impl Server {
         self.pg.as_ref().map(|db| db.url.as_str())
     }
 
+    /// Refreshes PostgreSQL's planner statistics (`ANALYZE`) before a timed
+    /// run, as autovacuum would on a production server: this one may run
+    /// with autovacuum off (CI), and plans cached while the tables were
+    /// nearly empty would otherwise outlive their growth (a stream read
+    /// scanning every opportunity event was seen). No-op on SQLite.
+    pub async fn analyze(&self) -> anyhow::Result<()> {
+        let Some(url) = self.database_url() else {
+            return Ok(());
+        };
+        use sqlx::Connection;
+        let mut connection = sqlx::PgConnection::connect(url)
+            .await
+            .context("connecting to run ANALYZE")?;
+        sqlx::query("ANALYZE")
+            .execute(&mut connection)
+            .await
+            .context("ANALYZE")?;
+        connection.close().await.ok();
+        Ok(())
+    }
+
     /// Stops the process (SIGKILL: nothing left to flush that the log has not
     /// committed) and starts it again on the same store.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
