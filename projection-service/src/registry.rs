@@ -40,14 +40,25 @@ impl Generation {
     /// Whether a failed generation has waited `after` since it failed (a
     /// failure may be transient; it is retried after that pause).
     pub fn failed_long_enough(&self, after: std::time::Duration) -> bool {
+        self.unchanged_for(after)
+    }
+
+    /// Whether this row has not changed for `after` (its last failure,
+    /// retirement or checkpoint move).
+    fn unchanged_for(&self, after: std::time::Duration) -> bool {
         chrono::DateTime::parse_from_rfc3339(&self.updated_at)
-            .map(|failed_at| {
-                let elapsed = chrono::Utc::now().signed_duration_since(failed_at);
+            .map(|changed_at| {
+                let elapsed = chrono::Utc::now().signed_duration_since(changed_at);
                 elapsed.to_std().unwrap_or_default() >= after
             })
             .unwrap_or(true)
     }
 }
+
+/// How long a retired generation's tables outlive its retirement: a query
+/// that found it serving just before the switch (or in a query service's
+/// short-lived view of the registry) still reads whole tables.
+pub const RETIRED_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Creates the registry table.
 pub async fn ensure(db: &ReadDb) -> Result<(), sqlx::Error> {
@@ -221,8 +232,9 @@ pub async fn clear_failure(db: &ReadDb, name: &str, generation: i64) -> Result<(
     Ok(())
 }
 
-/// Drops the tables of retired generations and forgets them; building
-/// generations abandoned by a crashed rebuild are dropped too when `abandoned`.
+/// Drops the tables of generations retired at least [`RETIRED_GRACE`] ago
+/// and forgets them; building generations abandoned by a crashed rebuild are
+/// dropped too when `abandoned`.
 pub async fn collect_garbage(
     db: &ReadDb,
     projection: &dyn Projection,
@@ -233,7 +245,8 @@ pub async fn collect_garbage(
         .into_iter()
         .filter(|g| g.name == projection.name())
     {
-        let drop = generation.state == RETIRED || (abandoned && generation.state == BUILDING);
+        let drop = (generation.state == RETIRED && generation.unchanged_for(RETIRED_GRACE))
+            || (abandoned && generation.state == BUILDING);
         if !drop {
             continue;
         }

@@ -2,15 +2,17 @@
 //! projection's serving generation with its checkpoint, sleep when caught up,
 //! wake on the log's head notification (with a polling fallback).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crm_eventlog::{EventLog, RecordedEvent};
+use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::fold::{fold_or_stop, Advance};
 use crate::projection::{Projection, ProjectionError};
-use crate::readdb::ReadDb;
+use crate::readdb::{ReadBackend, ReadDb};
 use crate::registry::{self, Generation};
 
 /// How the runner paces itself.
@@ -80,19 +82,10 @@ impl Runner {
             if collect {
                 last_collection = Some(Instant::now());
             }
-            let mut progressed = false;
-            let mut read = LogWindow::default();
-            for projection in &self.projections {
-                if *shutdown.borrow() {
-                    return;
-                }
-                match self.step(projection.as_ref(), collect, &mut read).await {
-                    Ok(folded) => progressed |= folded > 0,
-                    Err(error) => {
-                        tracing::warn!(projection = projection.name(), %error, "projection step failed")
-                    }
-                }
+            if *shutdown.borrow() {
+                return;
             }
+            let progressed = self.round(collect).await;
             if progressed {
                 continue;
             }
@@ -107,42 +100,86 @@ impl Runner {
         }
     }
 
-    /// Folds at most one batch into one projection; returns how many events.
-    /// Projections standing at the same checkpoint share one read of the log.
-    async fn step(
+    /// One round: every projection folds at most one batch; returns whether
+    /// any folded something. Projections standing at the same checkpoint share
+    /// one read of the log. On PostgreSQL the batches fold concurrently (each
+    /// projection owns its tables and its checkpoint row, and their commits
+    /// share WAL flushes); on SQLite in turn, as it has one writer and a
+    /// waiting writer sleeps in steps of up to 100 ms.
+    async fn round(&self, collect: bool) -> bool {
+        let mut due = Vec::new();
+        for projection in &self.projections {
+            match self.standing(projection.as_ref(), collect).await {
+                Ok(Some(generation)) => due.push((projection.as_ref(), generation)),
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(projection = projection.name(), %error, "projection step failed")
+                }
+            }
+        }
+        let mut windows: HashMap<i64, Arc<Vec<RecordedEvent>>> = HashMap::new();
+        let mut folds = Vec::new();
+        for (projection, generation) in due {
+            let events = match windows.get(&generation.checkpoint) {
+                Some(events) => events.clone(),
+                None => match self
+                    .log
+                    .read_all(generation.checkpoint, self.settings.batch_size)
+                    .await
+                {
+                    Ok(events) => {
+                        let events = Arc::new(events);
+                        windows.insert(generation.checkpoint, events.clone());
+                        events
+                    }
+                    Err(error) => {
+                        tracing::warn!(projection = projection.name(), %error, "reading the log failed");
+                        continue;
+                    }
+                },
+            };
+            if !events.is_empty() {
+                folds.push(async move {
+                    let outcome = self.fold(projection, &generation, &events).await;
+                    (projection.name(), outcome)
+                });
+            }
+        }
+        let at_once = match self.db.backend {
+            ReadBackend::Postgres => folds.len().max(1),
+            ReadBackend::Sqlite => 1,
+        };
+        let mut outcomes = futures::stream::iter(folds).buffer_unordered(at_once);
+        let mut progressed = false;
+        while let Some((name, outcome)) = outcomes.next().await {
+            match outcome {
+                Ok(folded) => progressed |= folded > 0,
+                Err(error) => tracing::warn!(projection = name, %error, "projection step failed"),
+            }
+        }
+        progressed
+    }
+
+    /// The generation `projection` folds into next, if any is due: collects
+    /// garbage first when asked, and skips a failed one until its retry time.
+    async fn standing(
         &self,
         projection: &dyn Projection,
         collect: bool,
-        read: &mut LogWindow,
-    ) -> Result<usize, sqlx::Error> {
+    ) -> Result<Option<Generation>, sqlx::Error> {
         if collect {
             registry::collect_garbage(&self.db, projection, false).await?;
         }
         let Some(generation) = registry::active(&self.db, projection.name()).await? else {
-            return Ok(0);
+            return Ok(None);
         };
         if generation.is_failed() {
             if !generation.failed_long_enough(self.settings.retry_failed_after) {
-                return Ok(0);
+                return Ok(None);
             }
             registry::clear_failure(&self.db, &generation.name, generation.generation).await?;
         }
-        if read.after != Some(generation.checkpoint) {
-            let events = self
-                .log
-                .read_all(generation.checkpoint, self.settings.batch_size)
-                .await
-                .map_err(|error| sqlx::Error::Protocol(format!("reading the log: {error}")))?;
-            *read = LogWindow {
-                after: Some(generation.checkpoint),
-                events: Arc::new(events),
-            };
-        }
-        let events = read.events.clone();
-        if events.is_empty() {
-            return Ok(0);
-        }
-        self.fold(projection, &generation, &events).await
+        Ok(Some(generation))
     }
 
     async fn fold(
@@ -170,13 +207,6 @@ impl Runner {
                 other => sqlx::Error::Protocol(other.to_string()),
             })
     }
-}
-
-/// The events after one checkpoint, read once per round of the runner.
-#[derive(Default)]
-struct LogWindow {
-    after: Option<i64>,
-    events: Arc<Vec<RecordedEvent>>,
 }
 
 /// How the caller will follow the log after [`install`].

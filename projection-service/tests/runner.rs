@@ -180,7 +180,24 @@ async fn scenario(log: EventLog, db: ReadDb) {
         "the runner follows the new generation"
     );
     assert_eq!(seen(&db, &followed.tables()).await.last(), Some(&extra));
-    // The runner drops the retired generation's tables.
+    // The retired generation's tables outlive the switch by a grace period
+    // (queries that found it serving still read it), then the runner drops them.
+    sqlx::query(&format!("SELECT COUNT(*) AS n FROM {}", old.t("seen")))
+        .fetch_one(&db.pool)
+        .await
+        .expect("a just-retired generation keeps its tables");
+    let retired_long_ago = crm_projection_service::readdb::timestamp(
+        &(chrono::Utc::now()
+            - chrono::Duration::from_std(registry::RETIRED_GRACE).unwrap()
+            - chrono::Duration::seconds(1)),
+    );
+    sqlx::query("UPDATE rm_projections SET updated_at = $1 WHERE name = $2 AND generation = $3")
+        .bind(retired_long_ago)
+        .bind("tally")
+        .bind(tally.generation)
+        .execute(&db.pool)
+        .await
+        .unwrap();
     for _ in 0..100 {
         if sqlx::query(&format!("SELECT COUNT(*) AS n FROM {}", old.t("seen")))
             .fetch_one(&db.pool)

@@ -9,6 +9,7 @@ use crm_eventlog::EventLog;
 use crm_projection_service::history::TimelineEntry;
 use crm_projection_service::pipeline::BoardView;
 use crm_projection_service::records::Page;
+use crm_projection_service::registry::Generation;
 use crm_projection_service::ReadDb;
 use crm_service_kit::auth::Tokens;
 use tokio::sync::watch;
@@ -54,7 +55,20 @@ pub struct QueryState {
     pub boards: BoardCache,
     /// Timeline pages by the history and records checkpoints they were read at.
     pub timelines: TimelineCache,
+    /// Which generation serves each projection, as read from the registry at
+    /// most [`REGISTRY_VIEW_TTL`] ago.
+    pub registry: RegistryView,
 }
+
+/// How old a request without `min_position` may find the registry: every
+/// request reading it (twice for a timeline page) queued behind the
+/// projections' writes at a few thousand requests per second, while a read
+/// model lags its log by more than this anyway. A request with
+/// `min_position` beyond the cached checkpoint reads the registry itself.
+pub const REGISTRY_VIEW_TTL: Duration = Duration::from_millis(5);
+
+/// The serving generation of each projection, by name.
+pub type RegistryView = moka::future::Cache<String, Generation>;
 
 /// Which timeline page, read at which state of the history and records read
 /// models (the page depends on nothing else).
@@ -103,6 +117,13 @@ where
         .build()
 }
 
+fn registry_view(ttl: Duration) -> RegistryView {
+    moka::future::Cache::builder()
+        .max_capacity(64)
+        .time_to_live(ttl)
+        .build()
+}
+
 impl QueryState {
     /// State with default [`LiveSettings`].
     pub fn new(log: EventLog, tokens: Arc<Tokens>) -> Self {
@@ -113,12 +134,20 @@ impl QueryState {
             read: None,
             boards: view_cache(256),
             timelines: view_cache(512),
+            registry: registry_view(REGISTRY_VIEW_TTL),
         }
     }
 
     /// Adds the read-model database (for the read-model routes).
     pub fn with_read_models(mut self, read: ReadDb) -> Self {
         self.read = Some(read);
+        self
+    }
+
+    /// Replaces how old the registry view may be (tests pin it long to see
+    /// both ways a request leaves it).
+    pub fn with_registry_ttl(mut self, ttl: Duration) -> Self {
+        self.registry = registry_view(ttl);
         self
     }
 

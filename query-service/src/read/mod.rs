@@ -117,17 +117,27 @@ async fn serving(
     projection: &str,
     min_position: Option<i64>,
 ) -> Result<Generation, Problem> {
+    if let Some(cached) = state.registry.get(projection).await {
+        if cached.checkpoint >= min_position.unwrap_or(0) {
+            return Ok(cached);
+        }
+    }
     let timeout = state
         .live
         .min_position_timeout
         .max(Duration::from_millis(1));
-    status::serving_at(read_db(state)?, projection, min_position, timeout).await.map_err(|error| match error {
+    let generation = status::serving_at(read_db(state)?, projection, min_position, timeout).await.map_err(|error| match error {
         WaitError::TimedOut { name, position, wanted } => Problem::unavailable(format!(
             "the {name} read model is at position {position}, not yet at min_position {wanted}; retry shortly"
         )),
         WaitError::Missing(name) => Problem::unavailable(format!("the {name} read model is not installed yet")),
         WaitError::Database(error) => Problem::from_database(&error),
-    })
+    })?;
+    state
+        .registry
+        .insert(projection.to_string(), generation.clone())
+        .await;
+    Ok(generation)
 }
 
 fn query_problem(error: QueryError) -> Problem {
@@ -427,5 +437,7 @@ async fn projections(
     let statuses = status::status(read_db(&state)?, &state.log)
         .await
         .map_err(|error| Problem::internal(&error))?;
+    // A client that saw these positions here must not read older ones next.
+    state.registry.invalidate_all();
     Ok(Json(serde_json::json!({ "projections": statuses })))
 }
