@@ -107,9 +107,29 @@ impl Runner {
     /// share WAL flushes); on SQLite in turn, as it has one writer and a
     /// waiting writer sleeps in steps of up to 100 ms.
     async fn round(&self, collect: bool) -> bool {
+        if collect {
+            for projection in &self.projections {
+                if let Err(error) =
+                    registry::collect_garbage(&self.db, projection.as_ref(), false).await
+                {
+                    tracing::warn!(projection = projection.name(), %error, "dropping retired generations failed");
+                }
+            }
+        }
+        // One read of the registry for every projection's standing.
+        let generations = match registry::all(&self.db).await {
+            Ok(generations) => generations,
+            Err(error) => {
+                tracing::warn!(%error, "reading the projection registry failed");
+                return false;
+            }
+        };
         let mut due = Vec::new();
         for projection in &self.projections {
-            match self.standing(projection.as_ref(), collect).await {
+            let active = generations
+                .iter()
+                .find(|g| g.name == projection.name() && g.state == registry::ACTIVE);
+            match self.due(active).await {
                 Ok(Some(generation)) => due.push((projection.as_ref(), generation)),
                 Ok(None) => {}
                 Err(error) => {
@@ -160,17 +180,10 @@ impl Runner {
         progressed
     }
 
-    /// The generation `projection` folds into next, if any is due: collects
-    /// garbage first when asked, and skips a failed one until its retry time.
-    async fn standing(
-        &self,
-        projection: &dyn Projection,
-        collect: bool,
-    ) -> Result<Option<Generation>, sqlx::Error> {
-        if collect {
-            registry::collect_garbage(&self.db, projection, false).await?;
-        }
-        let Some(generation) = registry::active(&self.db, projection.name()).await? else {
+    /// Whether the serving generation folds this round: a failed one waits
+    /// for its retry time, then its failure is cleared.
+    async fn due(&self, active: Option<&Generation>) -> Result<Option<Generation>, sqlx::Error> {
+        let Some(generation) = active else {
             return Ok(None);
         };
         if generation.is_failed() {
@@ -179,7 +192,7 @@ impl Runner {
             }
             registry::clear_failure(&self.db, &generation.name, generation.generation).await?;
         }
-        Ok(Some(generation))
+        Ok(Some(generation.clone()))
     }
 
     async fn fold(

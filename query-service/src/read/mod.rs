@@ -117,27 +117,41 @@ async fn serving(
     projection: &str,
     min_position: Option<i64>,
 ) -> Result<Generation, Problem> {
-    if let Some(cached) = state.registry.get(projection).await {
-        if cached.checkpoint >= min_position.unwrap_or(0) {
-            return Ok(cached);
-        }
+    // Concurrent requests finding the view expired share one registry read.
+    let viewed = state
+        .registry
+        .try_get_with(projection.to_string(), async {
+            status::serving_at(read_db(state)?, projection, None, Duration::ZERO)
+                .await
+                .map_err(wait_problem)
+        })
+        .await
+        .map_err(|problem| Problem::clone(&problem))?;
+    if viewed.checkpoint >= min_position.unwrap_or(0) {
+        return Ok(viewed);
     }
     let timeout = state
         .live
         .min_position_timeout
         .max(Duration::from_millis(1));
-    let generation = status::serving_at(read_db(state)?, projection, min_position, timeout).await.map_err(|error| match error {
-        WaitError::TimedOut { name, position, wanted } => Problem::unavailable(format!(
-            "the {name} read model is at position {position}, not yet at min_position {wanted}; retry shortly"
-        )),
-        WaitError::Missing(name) => Problem::unavailable(format!("the {name} read model is not installed yet")),
-        WaitError::Database(error) => Problem::from_database(&error),
-    })?;
+    let generation = status::serving_at(read_db(state)?, projection, min_position, timeout)
+        .await
+        .map_err(wait_problem)?;
     state
         .registry
         .insert(projection.to_string(), generation.clone())
         .await;
     Ok(generation)
+}
+
+fn wait_problem(error: WaitError) -> Problem {
+    match error {
+        WaitError::TimedOut { name, position, wanted } => Problem::unavailable(format!(
+            "the {name} read model is at position {position}, not yet at min_position {wanted}; retry shortly"
+        )),
+        WaitError::Missing(name) => Problem::unavailable(format!("the {name} read model is not installed yet")),
+        WaitError::Database(error) => Problem::from_database(&error),
+    }
 }
 
 fn query_problem(error: QueryError) -> Problem {
@@ -345,20 +359,23 @@ async fn timeline(
     let page = state
         .timelines
         .try_get_with(key, async {
-            if records::get(db, &records.tables(), kind, &id)
+            let page = history::timeline(db, &generation.tables(), &query)
                 .await
-                .map_err(query_problem)?
-                .is_none()
+                .map_err(query_problem)?;
+            // Entries name their account or contact, so only an empty page
+            // needs the record's own row to tell "none yet" from "no such".
+            if page.items.is_empty()
+                && records::get(db, &records.tables(), kind, &id)
+                    .await
+                    .map_err(query_problem)?
+                    .is_none()
             {
                 return Err(Problem::not_found(format!(
                     "no {} with id {id}",
                     kind.as_str()
                 )));
             }
-            history::timeline(db, &generation.tables(), &query)
-                .await
-                .map(Arc::new)
-                .map_err(query_problem)
+            Ok(Arc::new(page))
         })
         .await
         .map_err(|problem| Problem::clone(&problem))?;
