@@ -607,7 +607,7 @@ impl GroupPlan {
                  version, event_type, schema_version, payload, metadata, recorded_at) VALUES {}",
                 placeholders(chunk.len(), 11)
             );
-            let mut query = sqlx::query(&sql);
+            let mut query = sqlx::query(&sql).persistent(false);
             for e in chunk {
                 query = query
                     .bind(e.position)
@@ -630,7 +630,7 @@ impl GroupPlan {
                  ON CONFLICT (tenant_id, stream_type, stream_id) DO UPDATE SET version = excluded.version",
                 placeholders(chunk.len(), 4)
             );
-            let mut query = sqlx::query(&sql);
+            let mut query = sqlx::query(&sql).persistent(false);
             for ((tenant, stream_type, stream_id), version) in chunk {
                 query = query
                     .bind(tenant)
@@ -646,7 +646,7 @@ impl GroupPlan {
                  stream_id, version, position, created_at) VALUES {}",
                 placeholders(chunk.len(), 9)
             );
-            let mut query = sqlx::query(&sql);
+            let mut query = sqlx::query(&sql).persistent(false);
             for (tenant, r) in chunk {
                 query = query
                     .bind(tenant)
@@ -686,7 +686,7 @@ async fn read_state(
         let sql = format!(
             "SELECT tenant_id, {IDEMPOTENCY_COLUMNS} FROM idempotency_records WHERE {wanted}"
         );
-        let mut query = sqlx::query(&sql);
+        let mut query = sqlx::query(&sql).persistent(false);
         for (tenant, key) in chunk {
             query = query.bind(tenant).bind(key);
         }
@@ -703,7 +703,7 @@ async fn read_state(
         let sql = format!(
             "SELECT tenant_id, stream_type, stream_id, version FROM streams WHERE {wanted}"
         );
-        let mut query = sqlx::query_as::<_, (String, String, String, i64)>(&sql);
+        let mut query = sqlx::query_as::<_, (String, String, String, i64)>(&sql).persistent(false);
         for (tenant, stream_type, stream_id) in chunk {
             query = query.bind(tenant).bind(stream_type).bind(stream_id);
         }

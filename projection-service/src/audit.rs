@@ -467,7 +467,7 @@ impl Projection for AuditProjection {
                 tables.t("entries"),
                 values_placeholders(chunk.len(), 17)
             );
-            let mut query = sqlx::query(&sql);
+            let mut query = sqlx::query(&sql).persistent(false);
             for row in chunk {
                 query = row.bind(query);
             }
@@ -480,7 +480,7 @@ impl Projection for AuditProjection {
                 tables.t("changes"),
                 values_placeholders(chunk.len(), 5)
             );
-            let mut query = sqlx::query(&sql);
+            let mut query = sqlx::query(&sql).persistent(false);
             for (position, seq, change) in chunk {
                 query = query
                     .bind(*position)

@@ -568,7 +568,7 @@ impl Projection for HistoryProjection {
                 tables.t("entries"),
                 values_placeholders(chunk.len(), 11)
             );
-            let mut query = sqlx::query(&sql);
+            let mut query = sqlx::query(&sql).persistent(false);
             for (event, entry) in chunk {
                 query = query
                     .bind(event.position)

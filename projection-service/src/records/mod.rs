@@ -412,7 +412,7 @@ impl Projection for RecordsProjection {
                 "SELECT kind, id, state, created_at, updated_position FROM {records} WHERE {}",
                 wanted.join(" OR ")
             );
-            let mut query = sqlx::query(&sql);
+            let mut query = sqlx::query(&sql).persistent(false);
             for (kind, id) in chunk {
                 query = query.bind(kind.as_str()).bind(id.to_string());
             }
@@ -457,7 +457,7 @@ impl Projection for RecordsProjection {
                     state = EXCLUDED.state, data = EXCLUDED.data",
                 values_placeholders(chunk.len(), 12)
             );
-            let mut query = sqlx::query(&sql);
+            let mut query = sqlx::query(&sql).persistent(false);
             for (kind, id, folded) in chunk {
                 let Some(last) = &folded.last else { continue };
                 query = query
