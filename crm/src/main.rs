@@ -18,7 +18,10 @@ use crm_command_service::{Role, Tokens};
 
 /// mimalloc instead of the system allocator: the service allocates many short-lived
 /// buffers (JSON, rows) across threads, where glibc's per-thread arenas keep freed memory
-/// resident (measured by crm-bench: see bench/README.md).
+/// resident (measured by crm-bench: see bench/README.md). Build with
+/// `--no-default-features` for the system allocator, which heap profilers
+/// (heaptrack, valgrind) can see into.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

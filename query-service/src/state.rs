@@ -4,14 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::FromRef;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
 use crm_eventlog::EventLog;
-use crm_projection_service::history::TimelineEntry;
-use crm_projection_service::pipeline::BoardView;
-use crm_projection_service::records::Page;
 use crm_projection_service::registry::Generation;
 use crm_projection_service::ReadDb;
 use crm_service_kit::auth::Tokens;
+use serde::Serialize;
 use tokio::sync::watch;
 
 /// Tuning of `GET /v1/events/live` (and of `min_position` waits).
@@ -84,8 +85,8 @@ pub struct TimelineKey {
 }
 
 /// Timeline pages shared, like boards, by the requests that find the read
-/// models at the same checkpoints.
-pub type TimelineCache = moka::future::Cache<TimelineKey, Arc<Page<TimelineEntry>>>;
+/// models at the same checkpoints, as their JSON bodies.
+pub type TimelineCache = moka::future::Cache<TimelineKey, JsonBody>;
 
 /// Which board, read at which state of the pipeline read model. A board
 /// depends on nothing else, so one computed at a checkpoint answers every
@@ -102,17 +103,39 @@ pub struct BoardKey {
 /// while it changes only when the pipeline read model folds events: requests
 /// between two folds share one computation (concurrent misses wait for the
 /// one in flight instead of repeating it).
-pub type BoardCache = moka::future::Cache<BoardKey, Arc<BoardView>>;
+pub type BoardCache = moka::future::Cache<BoardKey, JsonBody>;
 
-/// Short-lived and bounded: an entry only serves while its checkpoint is the
+/// A computed view as the JSON body every request for it is answered with:
+/// serialized once, and each answer shares the bytes instead of copying and
+/// serializing the view again.
+#[derive(Clone, Debug)]
+pub struct JsonBody(pub Bytes);
+
+impl JsonBody {
+    pub fn of<T: Serialize>(view: &T) -> Result<Self, serde_json::Error> {
+        serde_json::to_vec(view).map(|body| Self(Bytes::from(body)))
+    }
+}
+
+impl IntoResponse for JsonBody {
+    fn into_response(self) -> Response {
+        ([(CONTENT_TYPE, "application/json")], self.0).into_response()
+    }
+}
+
+/// Bytes of JSON each view cache may hold (the timeline cache and the board
+/// cache each). Bounded by size, not count: a page's size varies with its
+/// entries' payloads, and an entry only serves while its checkpoint is the
 /// newest, so a large or long-lived cache would only hold dead pages.
-fn view_cache<K, V>(capacity: u64) -> moka::future::Cache<K, V>
+pub const VIEW_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
+fn view_cache<K>(max_bytes: u64) -> moka::future::Cache<K, JsonBody>
 where
     K: std::hash::Hash + Eq + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
 {
     moka::future::Cache::builder()
-        .max_capacity(capacity)
+        .weigher(|_key, body: &JsonBody| u32::try_from(body.0.len()).unwrap_or(u32::MAX))
+        .max_capacity(max_bytes)
         .time_to_live(Duration::from_secs(60))
         .build()
 }
@@ -132,8 +155,8 @@ impl QueryState {
             tokens,
             live: LiveSettings::default(),
             read: None,
-            boards: view_cache(256),
-            timelines: view_cache(512),
+            boards: view_cache(VIEW_CACHE_BYTES),
+            timelines: view_cache(VIEW_CACHE_BYTES),
             registry: registry_view(REGISTRY_VIEW_TTL),
         }
     }

@@ -3,7 +3,6 @@
 //! Every route takes `min_position=P` (read your writes: wait, bounded, for
 //! the projection to reach P, else 503 with its position).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -13,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use crm_domain::error::FieldError;
-use crm_projection_service::pipeline::BoardView;
 use crm_projection_service::records::{QueryError, RecordKind};
 use crm_projection_service::registry::Generation;
 use crm_projection_service::status::{self, WaitError};
@@ -24,7 +22,7 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::state::{BoardKey, QueryState, TimelineKey};
+use crate::state::{BoardKey, JsonBody, QueryState, TimelineKey};
 
 /// The read-model routes, without state applied.
 pub fn read_model_routes() -> Router<QueryState> {
@@ -168,7 +166,7 @@ async fn board(
     State(state): State<QueryState>,
     actor: Actor,
     RawQuery(raw): RawQuery,
-) -> Result<Json<pipeline::BoardView>, Problem> {
+) -> Result<JsonBody, Problem> {
     actor.require_read(ReadArea::Pipeline)?;
     let (query, min) = parse::<pipeline::BoardQuery>(raw)?;
     let generation = serving(&state, "pipeline", min).await?;
@@ -179,16 +177,16 @@ async fn board(
         owner: query.owner.clone(),
     };
     let db = read_db(&state)?;
-    let board = state
+    state
         .boards
         .try_get_with(key, async {
-            pipeline::board(db, &generation.tables(), &query)
+            let board = pipeline::board(db, &generation.tables(), &query)
                 .await
-                .map(Arc::new)
+                .map_err(|e| Problem::from_database(&e))?;
+            JsonBody::of(&board).map_err(|error| Problem::internal(&error))
         })
         .await
-        .map_err(|e| Problem::from_database(&e))?;
-    Ok(Json(BoardView::clone(&board)))
+        .map_err(|problem| Problem::clone(&problem))
 }
 
 async fn forecast(
@@ -329,7 +327,7 @@ async fn timeline(
     raw: Option<String>,
     account_id: Option<String>,
     contact_id: Option<String>,
-) -> Result<Json<records::Page<history::TimelineEntry>>, Problem> {
+) -> Result<JsonBody, Problem> {
     let (params, min) = parse::<TimelineParams>(raw)?;
     let generation = serving(state, "history", min).await?;
     // An unknown account or contact is a 404, not an empty timeline.
@@ -356,7 +354,7 @@ async fn timeline(
         limit: query.limit,
     };
     let db = read_db(state)?;
-    let page = state
+    state
         .timelines
         .try_get_with(key, async {
             let page = history::timeline(db, &generation.tables(), &query)
@@ -375,11 +373,10 @@ async fn timeline(
                     kind.as_str()
                 )));
             }
-            Ok(Arc::new(page))
+            JsonBody::of(&page).map_err(|error| Problem::internal(&error))
         })
         .await
-        .map_err(|problem| Problem::clone(&problem))?;
-    Ok(Json(records::Page::clone(&page)))
+        .map_err(|problem| Problem::clone(&problem))
 }
 
 async fn customer_history(
@@ -387,7 +384,7 @@ async fn customer_history(
     actor: Actor,
     Path(account_id): Path<String>,
     RawQuery(raw): RawQuery,
-) -> Result<Json<records::Page<history::TimelineEntry>>, Problem> {
+) -> Result<JsonBody, Problem> {
     actor.require_read(ReadArea::Customers)?;
     timeline(&state, raw, Some(account_id), None).await
 }
@@ -397,7 +394,7 @@ async fn contact_history(
     actor: Actor,
     Path(contact_id): Path<String>,
     RawQuery(raw): RawQuery,
-) -> Result<Json<records::Page<history::TimelineEntry>>, Problem> {
+) -> Result<JsonBody, Problem> {
     actor.require_read(ReadArea::Customers)?;
     timeline(&state, raw, None, Some(contact_id)).await
 }
