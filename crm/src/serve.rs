@@ -146,7 +146,12 @@ pub(crate) fn openapi_route() -> axum::Router {
         "/openapi.json",
         axum::routing::get(move || {
             let body = body.clone();
-            async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], body) }
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+            }
         }),
     )
 }

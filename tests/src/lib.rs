@@ -163,6 +163,18 @@ impl Server {
             .expect("exit status")
     }
 
+    /// Resident memory of the `crm serve` process, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("crm serve is running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .expect("/proc/<pid>/status of crm serve");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+
     /// Stops and starts again on the same data.
     pub async fn restart(mut self) -> Server {
         let status = self.stop().await;

@@ -40,6 +40,47 @@ async fn first_start_explains_how_to_get_a_token() {
     server.finish().await;
 }
 
+/// axum copies the router's handlers for every accepted connection, so
+/// whatever a handler owns is paid per open connection: the OpenAPI document
+/// once was (about a megabyte each, hundreds of MB under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_connection_costs_kilobytes_not_a_copy_of_the_api() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const CONNECTIONS: u64 = 200;
+    let server = Server::start(Backend::Sqlite).await.unwrap();
+    let address = server.base_url.trim_start_matches("http://").to_string();
+    let open = |count: u64| {
+        let address = address.clone();
+        async move {
+            let mut connections = Vec::new();
+            for _ in 0..count {
+                let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+                stream
+                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: crm\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut answer = [0u8; 12];
+                stream.read_exact(&mut answer).await.unwrap();
+                assert_eq!(&answer, b"HTTP/1.1 200", "each connection is served");
+                connections.push(stream);
+            }
+            connections
+        }
+    };
+    // Warm the allocator and the runtime's pools first.
+    drop(open(20).await);
+    let before = server.rss_kib();
+    let connections = open(CONNECTIONS).await;
+    let grown = server.rss_kib().saturating_sub(before);
+    eprintln!("{CONNECTIONS} open connections: +{grown} KiB");
+    assert!(
+        grown < CONNECTIONS * 128,
+        "{CONNECTIONS} open connections grew crm serve by {grown} KiB"
+    );
+    drop(connections);
+    server.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lead_becomes_a_customer_with_a_won_deal_and_a_resolved_case() {
     let server = Server::start(Backend::Sqlite).await.unwrap();
