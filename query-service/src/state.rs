@@ -127,7 +127,7 @@ impl IntoResponse for JsonBody {
 /// cache each). Bounded by size, not count: a page's size varies with its
 /// entries' payloads, and an entry only serves while its checkpoint is the
 /// newest, so a large or long-lived cache would only hold dead pages.
-pub const VIEW_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+pub const VIEW_CACHE_BYTES: u64 = 4 * 1024 * 1024;
 
 fn view_cache<K>(max_bytes: u64) -> moka::future::Cache<K, JsonBody>
 where
