@@ -43,11 +43,12 @@ impl Caches {
     }
 }
 
-/// Aggregates kept per type by default. A cached aggregate costs about a
-/// kilobyte (state, key and the cache's own bookkeeping; a contact with many
-/// open tasks more), so the five caches stay near 10 MB; at 10,000 per type
-/// they were a third of `crm serve`'s memory after a million-event load. A
-/// miss costs a snapshot read plus the events after it, not the whole stream.
+/// Aggregates kept per type by default. A cached aggregate costs roughly a
+/// kilobyte (state, key and the cache's own bookkeeping, by estimate; a
+/// contact with many open tasks more), so the five caches stay near 10 MB;
+/// a million-event load fills them whatever their size, and at 10,000 per
+/// type they would hold some 50 MB. A miss costs a snapshot read plus the
+/// events after it, not the whole stream.
 pub const CACHED_PER_TYPE: u64 = 2_000;
 
 impl Default for Caches {
