@@ -249,8 +249,7 @@ fn query_targets(report: &mut Report, queries: &[RunResult], backend: &str) {
 const QUERY_WARM_UP: Duration = Duration::from_secs(2);
 
 /// The timeline page and the pipeline board, each at `--query-rate` after a
-/// warm-up at that rate; `when`
-/// ends the runs' names.
+/// warm-up at that rate; `when` ends the runs' names.
 async fn query_runs(
     args: &Args,
     target: &crm_bench::server::Target,

@@ -134,7 +134,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// Serialized once, held as shared bytes: axum copies the router's handlers
 /// for every accepted connection, and a handler owning the document itself
 /// (about a megabyte of utoipa structures) made each open connection cost
-/// that much (heaptrack: 230 MB of copies under the benchmark's load).
+/// that much (heaptrack: 371 MB of copies under the benchmark's load).
 pub(crate) fn openapi_route() -> axum::Router {
     use utoipa::OpenApi;
     let mut document = crm_command_service::openapi::ApiDoc::openapi();

@@ -232,7 +232,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_cached_view_answers_as_json_with_the_bytes_it_was_serialized_to() {
-        let view = serde_json::json!({"items": [{"position": 7, "summary": "call"}], "next_cursor": null});
+        let view =
+            serde_json::json!({"items": [{"position": 7, "summary": "call"}], "next_cursor": null});
         let response = JsonBody::of(&view).unwrap().into_response();
         assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
         let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
