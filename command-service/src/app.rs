@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::{Actor, Tokens};
-use crate::executor::{CommandContext, Executor, Outcome};
+use crate::executor::{CommandContext, Executor, IfMatch, Outcome};
 use crate::metrics::Verdict;
 use crate::problem::Problem;
 
@@ -102,17 +102,23 @@ fn header_text(headers: &HeaderMap, name: &str) -> Result<Option<String>, Proble
         .transpose()
 }
 
-/// `If-Match: "3"` (also `3` and `W/"3"`) -> 3.
-pub fn parse_if_match(value: &str) -> Result<i64, Problem> {
-    let trimmed = value.trim().trim_start_matches("W/").trim_matches('"');
+/// `If-Match: "3"` (also `3` and `W/"3"`) -> version 3; `If-Match: *` -> the
+/// record exists (RFC 9110 13.1.1).
+pub fn parse_if_match(value: &str) -> Result<IfMatch, Problem> {
+    let value = value.trim();
+    if value == "*" {
+        return Ok(IfMatch::Exists);
+    }
+    let trimmed = value.trim_start_matches("W/").trim_matches('"');
     trimmed
         .parse::<i64>()
         .ok()
         .filter(|version| *version >= 0)
+        .map(IfMatch::Version)
         .ok_or_else(|| {
             Problem::bad_request(
                 "If-Match",
-                "must be the record's version as an ETag, e.g. \"3\"",
+                "must be the record's version as an ETag, e.g. \"3\", or *",
             )
         })
 }

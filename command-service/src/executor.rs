@@ -39,7 +39,7 @@ pub struct CommandContext {
     pub command_id: Uuid,
     pub now: DateTime<Utc>,
     pub idempotency_key: Option<String>,
-    pub if_match: Option<i64>,
+    pub if_match: Option<IfMatch>,
     pub request_id: Option<String>,
     pub correlation_id: Option<String>,
     pub client: Option<String>,
@@ -270,8 +270,8 @@ impl Executor {
                 Appended::Replayed(outcome) => return Ok(outcome),
                 Appended::Conflict => {
                     A::cache(&self.caches).invalidate(&cache_key(&ctx.actor.tenant, &stream_id));
-                    if ctx.if_match.is_some() {
-                        return Err(stale(ctx.if_match.unwrap_or_default(), None).into());
+                    if let Some(expected) = ctx.expected_version() {
+                        return Err(stale(expected, None).into());
                     }
                     tracing::debug!(attempt, stream = %stream_id, "version conflict; retrying");
                     tokio::time::sleep(backoff(attempt)).await;
@@ -506,9 +506,35 @@ pub fn new_events<E: DomainEvent>(
         .collect()
 }
 
+/// An `If-Match` precondition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IfMatch {
+    /// `*`: the record exists, at whatever version.
+    Exists,
+    /// `"N"`: the record is at version N.
+    Version(i64),
+}
+
+impl CommandContext {
+    /// The version `If-Match` names, if it names one: a write that loses a
+    /// race against it is stale (412), not retried.
+    pub fn expected_version(&self) -> Option<i64> {
+        match self.if_match {
+            Some(IfMatch::Version(expected)) => Some(expected),
+            _ => None,
+        }
+    }
+}
+
+/// `version` 0: the record has no events, so it does not exist.
 pub fn check_if_match(ctx: &CommandContext, version: i64) -> Result<(), Problem> {
     match ctx.if_match {
-        Some(expected) if expected != version => Err(stale(expected, Some(version))),
+        Some(IfMatch::Version(expected)) if expected != version => {
+            Err(stale(expected, Some(version)))
+        }
+        Some(IfMatch::Exists) if version == 0 => Err(Problem::precondition_failed(
+            "If-Match: * requires the record to exist, and it does not",
+        )),
         _ => Ok(()),
     }
 }

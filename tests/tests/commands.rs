@@ -119,6 +119,26 @@ async fn stale_if_match_gets_412_and_appends_nothing(server: &Server) {
     assert_eq!(server.head().await, head, "a stale command appends nothing");
     assert_eq!(server.events("opportunity", &id).await.len(), 2);
     advance("garbage", "proposal").await.problem(400);
+    // `*` asks only that the record exists (RFC 9110): any version passes.
+    let any = advance("*", "proposal").await;
+    assert_eq!(any.status, 200, "{any:?}");
+    assert_eq!(any.header("etag"), Some("\"3\""));
+    // ... and a create, whose record cannot exist yet, fails it, appending nothing.
+    let head = server.head().await;
+    let created = server
+        .request(
+            reqwest::Method::POST,
+            "/v1/accounts",
+            &server.admin_token,
+            |request| request.header("If-Match", "*").json(&account_body()),
+        )
+        .await;
+    created.problem(412);
+    assert_eq!(
+        server.head().await,
+        head,
+        "a failed precondition appends nothing"
+    );
 }
 
 async fn fifty_concurrent_advances_lose_nothing(server: &Server) {

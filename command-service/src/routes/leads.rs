@@ -144,7 +144,7 @@ pub async fn convert(
         }
         match executor.append(&ctx, staged, StatusCode::OK).await? {
             Appended::Committed(outcome) | Appended::Replayed(outcome) => return Ok(outcome),
-            Appended::Conflict if ctx.if_match.is_some() => {
+            Appended::Conflict if ctx.expected_version().is_some() => {
                 return Err(Problem::precondition_failed("the lead changed meanwhile").into())
             }
             Appended::Conflict => continue,
