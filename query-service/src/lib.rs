@@ -1,7 +1,9 @@
 //! `crm-query-service`: the read side's HTTP front.
 //!
 //! Map of the crate (the log-backed part; read-model routes are added beside it):
-//! - [`state`]: [`QueryState`] (event log, token verifier, live-feed settings).
+//! - [`state`]: [`QueryState`] (event log, token verifier, live-feed settings, view caches).
+//! - [`views`]: [`views::ViewCache`], boards and timeline pages shared between requests,
+//!   with stale-while-computing answers while a read model moves.
 //! - [`access`]: [`access::require_read`], the one place that decides who may read.
 //! - [`params`]: query-string parsing with field-named problems, `min_position` waits.
 //! - [`cloudevent`]: [`cloud_event`], a recorded event in CloudEvents 1.0 JSON form.
@@ -16,6 +18,7 @@ pub mod log;
 pub mod params;
 pub mod read;
 pub mod state;
+pub mod views;
 
 pub use crm_service_kit::{auth, problem};
 

@@ -15,6 +15,8 @@ use crm_service_kit::auth::Tokens;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::views::{ViewCache, ViewSettings};
+
 /// Tuning of `GET /v1/events/live` (and of `min_position` waits).
 #[derive(Clone, Debug)]
 pub struct LiveSettings {
@@ -52,9 +54,11 @@ pub struct QueryState {
     pub live: LiveSettings,
     /// The read models; without them only the log-backed routes can answer.
     pub read: Option<ReadDb>,
-    /// Pipeline boards by the generation and checkpoint they were read at.
+    /// Pipeline boards by the generation and checkpoint they were read at,
+    /// and the newest of each.
     pub boards: BoardCache,
-    /// Timeline pages by the history and records checkpoints they were read at.
+    /// Timeline pages by the history and records checkpoints they were read
+    /// at, and the newest of each.
     pub timelines: TimelineCache,
     /// Which generation serves each projection, as read from the registry at
     /// most [`REGISTRY_VIEW_TTL`] ago.
@@ -71,12 +75,10 @@ pub const REGISTRY_VIEW_TTL: Duration = Duration::from_millis(5);
 /// The serving generation of each projection, by name.
 pub type RegistryView = moka::future::Cache<String, Generation>;
 
-/// Which timeline page, read at which state of the history and records read
-/// models (the page depends on nothing else).
+/// Which timeline page (it is read from the history and records read models
+/// and depends on nothing else).
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub struct TimelineKey {
-    pub history: (i64, i64),
-    pub records: (i64, i64),
+pub struct TimelinePage {
     pub account_id: Option<String>,
     pub contact_id: Option<String>,
     pub kind: Option<String>,
@@ -84,17 +86,14 @@ pub struct TimelineKey {
     pub limit: Option<i64>,
 }
 
-/// Timeline pages shared, like boards, by the requests that find the read
-/// models at the same checkpoints, as their JSON bodies.
-pub type TimelineCache = moka::future::Cache<TimelineKey, JsonBody>;
+/// Timeline pages shared, like boards, by the requests that find the history
+/// and records read models (in that order) at the same checkpoints.
+pub type TimelineCache = ViewCache<TimelinePage, 2>;
 
-/// Which board, read at which state of the pipeline read model. A board
-/// depends on nothing else, so one computed at a checkpoint answers every
-/// request that finds the read model at that checkpoint.
+/// Which board (it is read from the pipeline read model and depends on
+/// nothing else).
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub struct BoardKey {
-    pub generation: i64,
-    pub checkpoint: i64,
+pub struct Board {
     pub pipeline: Option<String>,
     pub owner: Option<String>,
 }
@@ -102,8 +101,9 @@ pub struct BoardKey {
 /// A board sums every open opportunity (its cost grows with the pipeline),
 /// while it changes only when the pipeline read model folds events: requests
 /// between two folds share one computation (concurrent misses wait for the
-/// one in flight instead of repeating it).
-pub type BoardCache = moka::future::Cache<BoardKey, JsonBody>;
+/// one in flight instead of repeating it), and while it folds, the newest
+/// board answers during the computation of the next (see [`ViewCache`]).
+pub type BoardCache = ViewCache<Board, 1>;
 
 /// A computed view as the JSON body every request for it is answered with:
 /// serialized once, and each answer shares the bytes instead of copying and
@@ -124,23 +124,12 @@ impl IntoResponse for JsonBody {
 }
 
 /// Bytes of JSON each view cache may hold (the timeline cache and the board
-/// cache each). Bounded by size, not count: a page's size varies with its
-/// entries' payloads (a 50-entry timeline page of the benchmark's data is
-/// about 32 KB, so this holds some 250 pages). An entry only serves while its
-/// checkpoint is the newest, so a large or long-lived cache would only hold
-/// dead pages.
+/// cache each, in each of their two maps; a body in both is stored once).
+/// Bounded by size, not count: a page's size varies with its entries'
+/// payloads (a 50-entry timeline page of the benchmark's data is about 32 KB,
+/// so this holds some 250 pages). Only views of the newest checkpoints serve,
+/// so a large or long-lived cache would only hold dead pages.
 pub const VIEW_CACHE_BYTES: u64 = 8 * 1024 * 1024;
-
-fn view_cache<K>(max_bytes: u64) -> moka::future::Cache<K, JsonBody>
-where
-    K: std::hash::Hash + Eq + Send + Sync + 'static,
-{
-    moka::future::Cache::builder()
-        .weigher(|_key, body: &JsonBody| u32::try_from(body.0.len()).unwrap_or(u32::MAX))
-        .max_capacity(max_bytes)
-        .time_to_live(Duration::from_secs(60))
-        .build()
-}
 
 fn registry_view(ttl: Duration) -> RegistryView {
     moka::future::Cache::builder()
@@ -157,8 +146,8 @@ impl QueryState {
             tokens,
             live: LiveSettings::default(),
             read: None,
-            boards: view_cache(VIEW_CACHE_BYTES),
-            timelines: view_cache(VIEW_CACHE_BYTES),
+            boards: ViewCache::new(VIEW_CACHE_BYTES, ViewSettings::default()),
+            timelines: ViewCache::new(VIEW_CACHE_BYTES, ViewSettings::default()),
             registry: registry_view(REGISTRY_VIEW_TTL),
         }
     }
@@ -173,6 +162,14 @@ impl QueryState {
     /// both ways a request leaves it).
     pub fn with_registry_ttl(mut self, ttl: Duration) -> Self {
         self.registry = registry_view(ttl);
+        self
+    }
+
+    /// Replaces how stale a board or timeline page may be (tests pin views
+    /// fresh, or stale for long, to see each way a request is answered).
+    pub fn with_views(mut self, settings: ViewSettings) -> Self {
+        self.boards = ViewCache::new(VIEW_CACHE_BYTES, settings);
+        self.timelines = ViewCache::new(VIEW_CACHE_BYTES, settings);
         self
     }
 
@@ -191,44 +188,10 @@ impl FromRef<QueryState> for Arc<Tokens> {
 
 #[cfg(test)]
 mod tests {
-    use super::{view_cache, JsonBody, TimelineKey, VIEW_CACHE_BYTES};
+    use super::JsonBody;
     use axum::body::to_bytes;
     use axum::http::header::CONTENT_TYPE;
     use axum::response::IntoResponse;
-
-    fn page_key(account: usize) -> TimelineKey {
-        TimelineKey {
-            history: (1, 1),
-            records: (1, 1),
-            account_id: Some(format!("account-{account}")),
-            contact_id: None,
-            kind: None,
-            cursor: None,
-            limit: Some(50),
-        }
-    }
-
-    #[tokio::test]
-    async fn a_view_cache_holds_at_most_its_byte_budget() {
-        let cache = view_cache::<TimelineKey>(VIEW_CACHE_BYTES);
-        let page = JsonBody(vec![b' '; 64 * 1024].into());
-        // Three times the budget in 64 KiB pages.
-        let pages = 3 * VIEW_CACHE_BYTES as usize / (64 * 1024);
-        for account in 0..pages {
-            cache.insert(page_key(account), page.clone()).await;
-        }
-        cache.run_pending_tasks().await;
-        assert!(
-            cache.weighted_size() <= VIEW_CACHE_BYTES,
-            "{} bytes held, budget {VIEW_CACHE_BYTES}",
-            cache.weighted_size()
-        );
-        assert!(
-            cache.weighted_size() >= VIEW_CACHE_BYTES / 2,
-            "the budget is used, not a page count: {} bytes held",
-            cache.weighted_size()
-        );
-    }
 
     #[tokio::test]
     async fn a_cached_view_answers_as_json_with_the_bytes_it_was_serialized_to() {

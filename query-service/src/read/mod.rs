@@ -22,7 +22,8 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::state::{BoardKey, JsonBody, QueryState, TimelineKey};
+use crate::state::{Board, JsonBody, QueryState, TimelinePage};
+use crate::views::ReadAt;
 
 /// The read-model routes, without state applied.
 pub fn read_model_routes() -> Router<QueryState> {
@@ -170,23 +171,33 @@ async fn board(
     actor.require_read(ReadArea::Pipeline)?;
     let (query, min) = parse::<pipeline::BoardQuery>(raw)?;
     let generation = serving(&state, "pipeline", min).await?;
-    let key = BoardKey {
-        generation: generation.generation,
-        checkpoint: generation.checkpoint,
+    let board = Board {
         pipeline: query.pipeline.clone(),
         owner: query.owner.clone(),
     };
-    let db = read_db(&state)?;
+    let db = read_db(&state)?.clone();
+    let tables = generation.tables();
     state
         .boards
-        .try_get_with(key, async {
-            let board = pipeline::board(db, &generation.tables(), &query)
-                .await
-                .map_err(|e| Problem::from_database(&e))?;
-            JsonBody::of(&board).map_err(|error| Problem::internal(&error))
-        })
+        .get(
+            board,
+            [read_at(&generation)],
+            min.unwrap_or(0),
+            async move {
+                let board = pipeline::board(&db, &tables, &query)
+                    .await
+                    .map_err(|e| Problem::from_database(&e))?;
+                JsonBody::of(&board).map_err(|error| Problem::internal(&error))
+            },
+        )
         .await
-        .map_err(|problem| Problem::clone(&problem))
+}
+
+fn read_at(generation: &Generation) -> ReadAt {
+    ReadAt {
+        generation: generation.generation,
+        checkpoint: generation.checkpoint,
+    }
 }
 
 async fn forecast(
@@ -344,26 +355,26 @@ async fn timeline(
         cursor: params.cursor,
         limit: params.limit,
     };
-    let key = TimelineKey {
-        history: (generation.generation, generation.checkpoint),
-        records: (records.generation, records.checkpoint),
+    let page = TimelinePage {
         account_id: query.account_id.clone(),
         contact_id: query.contact_id.clone(),
         kind: query.kind.clone(),
         cursor: query.cursor.clone(),
         limit: query.limit,
     };
-    let db = read_db(state)?;
+    let at = [read_at(&generation), read_at(&records)];
+    let db = read_db(state)?.clone();
+    let (history_tables, records_tables) = (generation.tables(), records.tables());
     state
         .timelines
-        .try_get_with(key, async {
-            let page = history::timeline(db, &generation.tables(), &query)
+        .get(page, at, min.unwrap_or(0), async move {
+            let page = history::timeline(&db, &history_tables, &query)
                 .await
                 .map_err(query_problem)?;
             // Entries name their account or contact, so only an empty page
             // needs the record's own row to tell "none yet" from "no such".
             if page.items.is_empty()
-                && records::get(db, &records.tables(), kind, &id)
+                && records::get(&db, &records_tables, kind, &id)
                     .await
                     .map_err(query_problem)?
                     .is_none()
@@ -376,7 +387,6 @@ async fn timeline(
             JsonBody::of(&page).map_err(|error| Problem::internal(&error))
         })
         .await
-        .map_err(|problem| Problem::clone(&problem))
 }
 
 async fn customer_history(
@@ -453,5 +463,7 @@ async fn projections(
         .map_err(|error| Problem::internal(&error))?;
     // A client that saw these positions here must not read older ones next.
     state.registry.invalidate_all();
+    state.boards.forget_stand_ins();
+    state.timelines.forget_stand_ins();
     Ok(Json(serde_json::json!({ "projections": statuses })))
 }
