@@ -231,11 +231,12 @@ fn stands_in<const N: usize>(held: &[ReadAt; N], found: &[ReadAt; N], min_positi
         .all(|(held, found)| held.generation == found.generation && held.checkpoint >= min_position)
 }
 
-/// Whether `found` is further on than `held` (or another generation).
+/// Whether `found` is further on than `held`, of the same generations (as
+/// [`stands_in`] has established).
 fn is_behind<const N: usize>(held: &[ReadAt; N], found: &[ReadAt; N]) -> bool {
-    held.iter().zip(found).any(|(held, found)| {
-        held.generation != found.generation || held.checkpoint < found.checkpoint
-    })
+    held.iter()
+        .zip(found)
+        .any(|(held, found)| held.checkpoint < found.checkpoint)
 }
 
 /// Whether `held` is strictly further on than `computed` (a later generation,
@@ -457,6 +458,31 @@ mod tests {
         .await
         .expect("answered by the renewed stand-in, not by a computation");
         assert_eq!(text(answer.unwrap()), "again at 10");
+    }
+
+    #[tokio::test]
+    async fn a_stand_in_younger_than_refresh_after_starts_no_computation() {
+        let views = ViewCache::<&str, 1>::new(
+            1 << 20,
+            ViewSettings {
+                max_staleness: Duration::from_secs(3600),
+                refresh_after: Duration::from_secs(3600),
+            },
+        );
+        views.get("board", at(10), 0, ready("at 10")).await.unwrap();
+        let computed = Arc::new(AtomicUsize::new(0));
+        for checkpoint in 11..21 {
+            let counter = computed.clone();
+            let answer = views
+                .get("board", at(checkpoint), 0, async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    Ok(body("newer"))
+                })
+                .await;
+            assert_eq!(text(answer.unwrap()), "at 10");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(computed.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]
