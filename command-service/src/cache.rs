@@ -20,6 +20,17 @@ pub struct Loaded<A> {
     pub last_position: i64,
 }
 
+impl<A: Default> Loaded<A> {
+    /// A stream with no events yet.
+    pub fn new_stream() -> Self {
+        Self {
+            state: A::default(),
+            version: 0,
+            last_position: 0,
+        }
+    }
+}
+
 type AggregateCache<A> = Cache<String, Arc<Loaded<A>>>;
 
 /// One bounded cache per aggregate type, keyed by tenant and stream id.

@@ -1,5 +1,6 @@
 //! Runs a command against an aggregate: idempotency, expected version, load
-//! (cache + catch-up), decide, append in one transaction, retry on conflict.
+//! (cache, or cache + catch-up from the log), decide, append in one
+//! transaction, retry on conflict.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -211,77 +212,134 @@ impl Executor {
     where
         A::Command: Clone,
     {
-        if let Some(outcome) = self.replay(ctx).await? {
-            return Ok(outcome);
-        }
         let stream_id = stream_id.to_string();
-        let _turn = self.locks.lock(A::TYPE, &stream_id).await;
+        let turn = self.locks.lock(A::TYPE, &stream_id).await;
+        let ran = self.run_built::<A>(ctx, &stream_id, build, mode).await;
+        drop(turn);
+        match ran {
+            Ok(Ran::Written(outcome)) => Ok(outcome),
+            // The idempotency key is looked up only when nothing was written:
+            // an append under a used key fails as a duplicate by itself, so
+            // the common path spends no round trip on it. A retry of a
+            // command that was written is answered as the first time was,
+            // whatever the record's state says now.
+            unwritten => match self.replay(ctx).await? {
+                Some(outcome) => Ok(outcome),
+                None => unwritten.map(Ran::into_outcome),
+            },
+        }
+    }
+
+    async fn run_built<A: Stream>(
+        &self,
+        ctx: &CommandContext,
+        stream_id: &str,
+        build: impl FnOnce(DateTime<Utc>) -> Result<A::Command, ValidationErrors>,
+        mode: Mode,
+    ) -> Result<Ran, CommandError>
+    where
+        A::Command: Clone,
+    {
         let now = Utc::now().max(ctx.now);
         let command = build(now).map_err(|errors| Problem::validation(errors.0))?;
+        let tenant = &ctx.actor.tenant;
+        // The cached aggregate is decided on without reading the log: an
+        // append from it carries its version, so if another process wrote
+        // the stream meanwhile the append conflicts and the command runs
+        // again on the log's state. Anything short of an append (a refusal,
+        // a no-op) is only answered from the log's state.
+        let mut read_log = false;
         for attempt in 1..=MAX_ATTEMPTS {
-            let loaded = self.load::<A>(&ctx.actor.tenant, &stream_id).await?;
-            if let Some(outcome) = self.check_existence(ctx, &loaded, &stream_id, mode).await? {
-                return Ok(outcome);
-            }
-            check_if_match(ctx, loaded.version)?;
-            let events = loaded
-                .state
-                .decide(command.clone())
-                .map_err(domain_problem)?;
-            let mut state = loaded.state.clone();
-            for event in &events {
-                state.apply(event.clone());
-            }
-            if events.is_empty() {
-                return Ok(Outcome {
-                    status: StatusCode::OK,
-                    stream_type: A::TYPE.to_string(),
-                    id: stream_id,
-                    version: loaded.version,
-                    position: loaded.last_position,
-                    replayed: false,
-                });
-            }
-            let staged = Staged {
-                stream_type: A::TYPE,
-                stream_id: stream_id.clone(),
-                expected_version: loaded.version,
-                events: new_events(ctx, &events)?,
+            let (loaded, from_log) = match self.cached::<A>(tenant, stream_id) {
+                Some(cached) if !read_log => (cached, false),
+                // A create is tried on a new stream: if the stream exists,
+                // the append conflicts and the log's state judges it.
+                None if !read_log && mode == Mode::Create => (Loaded::new_stream(), false),
+                _ => (self.load::<A>(tenant, stream_id).await?, true),
             };
-            let status = if mode == Mode::Create {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            match self.append(ctx, vec![staged], status).await? {
-                Appended::Committed(outcome) => {
-                    self.remember::<A>(
-                        &ctx.actor.tenant,
-                        &stream_id,
-                        loaded.version,
-                        Loaded {
-                            state,
-                            version: outcome.version,
-                            last_position: outcome.position,
-                        },
-                    );
-                    return Ok(outcome);
-                }
-                Appended::Replayed(outcome) => return Ok(outcome),
-                Appended::Conflict => {
-                    A::cache(&self.caches).invalidate(&cache_key(&ctx.actor.tenant, &stream_id));
+            match self
+                .decide_and_append::<A>(ctx, stream_id, loaded, command.clone(), mode)
+                .await
+            {
+                Ok(Step::Written(outcome)) => return Ok(Ran::Written(outcome)),
+                Ok(Step::Conflict) => {
+                    A::cache(&self.caches).invalidate(&cache_key(tenant, stream_id));
                     if let Some(expected) = ctx.expected_version() {
                         return Err(stale(expected, None).into());
                     }
-                    tracing::debug!(attempt, stream = %stream_id, "version conflict; retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
+                    if from_log {
+                        tracing::debug!(attempt, stream = %stream_id, "version conflict; retrying");
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                    read_log = true;
                 }
+                _ if !from_log => read_log = true,
+                Ok(Step::Unwritten(outcome)) => return Ok(Ran::Unwritten(outcome)),
+                Err(error) => return Err(error),
             }
         }
         Err(Problem::conflict(
             "the record is being changed by many writers at once; retry the command",
         )
         .into())
+    }
+
+    /// One attempt: the command decided on `loaded` and its events appended.
+    async fn decide_and_append<A: Stream>(
+        &self,
+        ctx: &CommandContext,
+        stream_id: &str,
+        loaded: Loaded<A>,
+        command: A::Command,
+        mode: Mode,
+    ) -> Result<Step, CommandError> {
+        if let Some(outcome) = self.check_existence(ctx, &loaded, stream_id, mode).await? {
+            return Ok(Step::Unwritten(outcome));
+        }
+        check_if_match(ctx, loaded.version)?;
+        let events = loaded.state.decide(command).map_err(domain_problem)?;
+        if events.is_empty() {
+            return Ok(Step::Unwritten(Outcome {
+                status: StatusCode::OK,
+                stream_type: A::TYPE.to_string(),
+                id: stream_id.to_string(),
+                version: loaded.version,
+                position: loaded.last_position,
+                replayed: false,
+            }));
+        }
+        let mut state = loaded.state.clone();
+        for event in &events {
+            state.apply(event.clone());
+        }
+        let staged = Staged {
+            stream_type: A::TYPE,
+            stream_id: stream_id.to_string(),
+            expected_version: loaded.version,
+            events: new_events(ctx, &events)?,
+        };
+        let status = if mode == Mode::Create {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        Ok(match self.append(ctx, vec![staged], status).await? {
+            Appended::Committed(outcome) => {
+                self.remember::<A>(
+                    &ctx.actor.tenant,
+                    stream_id,
+                    loaded.version,
+                    Loaded {
+                        state,
+                        version: outcome.version,
+                        last_position: outcome.position,
+                    },
+                );
+                Step::Written(outcome)
+            }
+            Appended::Replayed(outcome) => Step::Written(outcome),
+            Appended::Conflict => Step::Conflict,
+        })
     }
 
     /// Appends several streams' events in one transaction; the first stream's
@@ -336,6 +394,13 @@ impl Executor {
             Err(LogError::Conflict { .. }) => Ok(Appended::Conflict),
             Err(error) => Err(Problem::from_log(&error)),
         }
+    }
+
+    /// The aggregate as this process last saw it, without reading the log.
+    fn cached<A: Stream>(&self, tenant: &str, stream_id: &str) -> Option<Loaded<A>> {
+        A::cache(&self.caches)
+            .get(&cache_key(tenant, stream_id))
+            .map(|cached| Loaded::clone(&cached))
     }
 
     /// The aggregate as of the log's latest version: from the cache or a
@@ -397,11 +462,7 @@ impl Executor {
             // A snapshot of an older state shape is ignored: the events rebuild it.
             serde_json::from_value::<Loaded<A>>(snapshot.state).ok()
         });
-        Ok(decoded.unwrap_or(Loaded {
-            state: A::default(),
-            version: 0,
-            last_position: 0,
-        }))
+        Ok(decoded.unwrap_or_else(Loaded::new_stream))
     }
 
     /// Caches the new state, and snapshots it when it crossed a snapshot boundary.
@@ -477,6 +538,30 @@ impl Executor {
             _ => Ok(None),
         }
     }
+}
+
+/// How a command's run ended.
+enum Ran {
+    /// Its events are in the log (appended now, or under its idempotency key before).
+    Written(Outcome),
+    /// Nothing to append (a repeated create, a command that changes nothing).
+    Unwritten(Outcome),
+}
+
+impl Ran {
+    fn into_outcome(self) -> Outcome {
+        match self {
+            Ran::Written(outcome) | Ran::Unwritten(outcome) => outcome,
+        }
+    }
+}
+
+/// How one attempt at a command ended.
+enum Step {
+    Written(Outcome),
+    Unwritten(Outcome),
+    /// Another writer appended to the stream first.
+    Conflict,
 }
 
 /// What became of an append.

@@ -1,11 +1,14 @@
 //! The executor over a real log: command cost does not grow with stream
-//! length (cache + snapshots), and replicas with stale caches stay correct.
+//! length (cache + snapshots), replicas with stale caches stay correct, and
+//! a retry under an idempotency key appends nothing.
 
 use std::time::Duration;
 
 use chrono::Utc;
 use crm_command_service::auth::{Actor, Role, DEFAULT_TENANT};
-use crm_command_service::executor::{CommandContext, Executor, Mode};
+use crm_command_service::executor::{
+    CommandContext, CommandError, Executor, IfMatch, Mode, Outcome,
+};
 use crm_domain::ids::OpportunityId;
 use crm_domain::opportunity::{AdvanceOpportunityInput, OpenOpportunityInput, Opportunity};
 use crm_domain::values::MoneyInput;
@@ -35,6 +38,15 @@ fn context() -> CommandContext {
 
 async fn open(executor: &Executor) -> Uuid {
     let id = Uuid::now_v7();
+    create(executor, &context(), id).await.unwrap();
+    id
+}
+
+async fn create(
+    executor: &Executor,
+    ctx: &CommandContext,
+    id: Uuid,
+) -> Result<Outcome, CommandError> {
     let input = OpenOpportunityInput {
         id: None,
         account_id: Uuid::now_v7(),
@@ -53,13 +65,23 @@ async fn open(executor: &Executor) -> Uuid {
         .into_command(OpportunityId::new(id), Utc::now())
         .unwrap();
     executor
-        .execute::<Opportunity>(&context(), id, command, Mode::Create)
+        .execute::<Opportunity>(ctx, id, command, Mode::Create)
         .await
-        .unwrap();
-    id
 }
 
 async fn advance(executor: &Executor, id: Uuid, step: usize) -> i64 {
+    advance_with(executor, &context(), id, step)
+        .await
+        .unwrap()
+        .version
+}
+
+async fn advance_with(
+    executor: &Executor,
+    ctx: &CommandContext,
+    id: Uuid,
+    step: usize,
+) -> Result<Outcome, CommandError> {
     let stages = ["qualification", "proposal", "negotiation", "prospecting"];
     let input = AdvanceOpportunityInput {
         stage: stages[step % stages.len()].into(),
@@ -68,10 +90,17 @@ async fn advance(executor: &Executor, id: Uuid, step: usize) -> i64 {
     };
     let command = input.into_command(Utc::now()).unwrap();
     executor
-        .execute::<Opportunity>(&context(), id, command, Mode::Update)
+        .execute::<Opportunity>(ctx, id, command, Mode::Update)
+        .await
+}
+
+async fn versions(log: &EventLog, id: Uuid) -> Vec<i64> {
+    log.read_stream(DEFAULT_TENANT, "opportunity", &id.to_string(), 0, 100)
         .await
         .unwrap()
-        .version
+        .iter()
+        .map(|event| event.version)
+        .collect()
 }
 
 #[tokio::test]
@@ -134,12 +163,95 @@ async fn replicas_with_stale_caches_stay_correct(log: EventLog) {
         5,
         "A catches up from the log before deciding"
     );
-    let events = log
-        .read_stream(DEFAULT_TENANT, "opportunity", &id.to_string(), 0, 100)
+    assert_eq!(versions(&log, id).await, vec![1, 2, 3, 4, 5]);
+
+    // A decides on its cache without reading the log; a precondition its
+    // stale copy fails is judged again on the log's state before answering.
+    assert_eq!(advance(&replica_b, id, 4).await, 6);
+    let if_match_6 = CommandContext {
+        if_match: Some(IfMatch::Version(6)),
+        ..context()
+    };
+    let outcome = advance_with(&replica_a, &if_match_6, id, 5)
         .await
-        .unwrap();
-    let versions: Vec<i64> = events.iter().map(|event| event.version).collect();
-    assert_eq!(versions, vec![1, 2, 3, 4, 5]);
+        .unwrap_or_else(|error| {
+            panic!(
+                "If-Match 6 holds on the log although A's cache says 5: {:?}",
+                error.problem
+            )
+        });
+    assert_eq!(outcome.version, 7);
+    assert_eq!(versions(&log, id).await, vec![1, 2, 3, 4, 5, 6, 7]);
+}
+
+async fn a_create_of_an_existing_record_is_judged_on_the_log(log: EventLog) {
+    let replica_a = Executor::new(log.clone());
+    let replica_b = Executor::new(log.clone());
+    let id = Uuid::now_v7();
+    let body = CommandContext {
+        body_hash: "the deal's body".into(),
+        ..context()
+    };
+    let first = create(&replica_a, &body, id).await.unwrap();
+    assert_eq!((first.status.as_u16(), first.version), (201, 1));
+    // B has never seen the stream: it tries the create as a new stream, the
+    // append conflicts, and the log's state answers.
+    let again = create(&replica_b, &body, id).await.unwrap();
+    assert_eq!(
+        (again.status.as_u16(), again.version, again.replayed),
+        (200, 1, true),
+        "the same create again is answered with the first"
+    );
+    let other = CommandContext {
+        body_hash: "another body".into(),
+        ..context()
+    };
+    let refused = create(&Executor::new(log.clone()), &other, id)
+        .await
+        .expect_err("a different create of an existing id is refused");
+    assert_eq!(refused.problem.status(), 409);
+    assert_eq!(versions(&log, id).await, vec![1]);
+}
+
+async fn a_retry_is_answered_as_the_first_time(log: EventLog) {
+    let replica_a = Executor::new(log.clone());
+    let replica_b = Executor::new(log.clone());
+    let id = open(&replica_a).await;
+    let keyed = CommandContext {
+        idempotency_key: Some("advance-once".into()),
+        request_hash: "advance to proposal".into(),
+        ..context()
+    };
+    let first = advance_with(&replica_a, &keyed, id, 1).await.unwrap();
+    assert_eq!((first.version, first.replayed), (2, false));
+    // Already at that stage: the retry decides nothing to append (or is
+    // refused), and the key's record answers.
+    let retry = advance_with(&replica_a, &keyed, id, 1).await.unwrap();
+    assert_eq!((retry.version, retry.replayed), (2, true));
+    assert_eq!(advance(&replica_b, id, 2).await, 3);
+
+    // On the stream as it is now, the same command would append again; on
+    // either replica (warm or stale) the retry appends nothing and answers
+    // what the first time did.
+    for replica in [&replica_a, &replica_b, &replica_a] {
+        let retry = advance_with(replica, &keyed, id, 1).await.unwrap();
+        assert_eq!(
+            (retry.version, retry.position, retry.replayed),
+            (2, first.position, true)
+        );
+    }
+    assert_eq!(versions(&log, id).await, vec![1, 2, 3]);
+
+    // The same key on a different request is refused, and writes nothing.
+    let reused = CommandContext {
+        request_hash: "advance to negotiation".into(),
+        ..keyed.clone()
+    };
+    let refused = advance_with(&replica_a, &reused, id, 2)
+        .await
+        .expect_err("a reused key is refused");
+    assert_eq!(refused.problem.status(), 422);
+    assert_eq!(versions(&log, id).await, vec![1, 2, 3]);
 }
 
 #[tokio::test]
@@ -148,7 +260,9 @@ async fn replicas_stay_correct_on_sqlite() {
     let log = EventLog::open_sqlite(&dir.path().join("events.db"))
         .await
         .unwrap();
-    replicas_with_stale_caches_stay_correct(log).await;
+    replicas_with_stale_caches_stay_correct(log.clone()).await;
+    a_retry_is_answered_as_the_first_time(log.clone()).await;
+    a_create_of_an_existing_record_is_judged_on_the_log(log).await;
 }
 
 #[tokio::test]
@@ -158,6 +272,8 @@ async fn replicas_stay_correct_on_postgres() {
     };
     let log = EventLog::connect(&db.url).await.unwrap();
     replicas_with_stale_caches_stay_correct(log.clone()).await;
+    a_retry_is_answered_as_the_first_time(log.clone()).await;
+    a_create_of_an_existing_record_is_judged_on_the_log(log.clone()).await;
     log.close().await;
     db.drop_db().await;
 }
