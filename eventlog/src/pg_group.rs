@@ -588,6 +588,7 @@ async fn attempt(
         requests,
         &decisions,
         &claims,
+        &claimed,
         &key_writer,
         &keys,
         &versions,
@@ -642,6 +643,7 @@ async fn write(
     requests: &[Request],
     decisions: &[Decision],
     claims: &[Claim<'_>],
+    claimed: &[bool],
     key_writer: &HashMap<(&str, &str), usize>,
     keys: &[StreamKey<'_>],
     versions: &[i64],
@@ -685,9 +687,10 @@ async fn write(
             idem.rel.push(first.last_position);
         }
     }
-    // Claims no written request uses (its requests were refused) are removed.
+    // Claims this transaction made that no written request uses (its requests were refused)
+    // are removed. A key it did not claim is another append's committed record: kept.
     let (mut drop_tenant, mut drop_key) = (Vec::new(), Vec::new());
-    for &(tenant, key, _, _) in claims {
+    for (&(tenant, key, _, _), _) in claims.iter().zip(claimed).filter(|(_, &mine)| mine) {
         if !key_writer.contains_key(&(tenant, key)) {
             drop_tenant.push(tenant);
             drop_key.push(key);

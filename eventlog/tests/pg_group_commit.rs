@@ -367,6 +367,60 @@ async fn refused_first_holder_of_a_key_hands_it_to_the_next_in_the_burst() {
 }
 
 #[tokio::test]
+async fn a_retry_sharing_a_group_with_a_write_keeps_the_committed_record_of_its_key() {
+    with_pg(|url| async move {
+        let log = EventLog::connect(&url).await.unwrap();
+        let first = committed(
+            log.append(keyed(
+                vec![stream("lead", "r", ExpectedVersion::NoStream, 1)],
+                "retried",
+                "h",
+            ))
+            .await
+            .unwrap(),
+        );
+        // One burst: a retry under the committed key (its claim is not this
+        // group's) and a new keyed append that is written.
+        let (retry, other) = tokio::join!(
+            log.append(keyed(
+                vec![stream("lead", "r", ExpectedVersion::Exact(1), 1)],
+                "retried",
+                "h"
+            )),
+            log.append(keyed(
+                vec![stream("lead", "s", ExpectedVersion::NoStream, 1)],
+                "fresh",
+                "h"
+            )),
+        );
+        committed(other.unwrap());
+        let stored = log.idempotency_record(T, "retried").await.unwrap();
+        let stored = stored.expect("the committed record of the retried key is kept");
+        assert_eq!((stored.version, stored.position), (1, first.last_position));
+        match retry.unwrap() {
+            AppendOutcome::Duplicate(d) => assert_eq!(d, stored),
+            other => panic!("expected Duplicate, got {other:?}"),
+        }
+        // A third try still finds it.
+        match log
+            .append(keyed(
+                vec![stream("lead", "r", ExpectedVersion::Exact(1), 1)],
+                "retried",
+                "h",
+            ))
+            .await
+            .unwrap()
+        {
+            AppendOutcome::Duplicate(d) => assert_eq!(d, stored),
+            other => panic!("expected Duplicate, got {other:?}"),
+        }
+        assert_eq!(log.stream_version(T, "lead", "r").await.unwrap(), 1);
+        log.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_bad_append_does_not_fail_the_rest_of_its_burst() {
     with_pg(|url| async move {
         let log = EventLog::connect(&url).await.unwrap();
