@@ -87,6 +87,15 @@ impl CommandError {
     }
 }
 
+impl CommandError {
+    /// Refused for what the request or the record's state is (4xx), as
+    /// opposed to failed for what the service or the log could not do (5xx):
+    /// only a refusal may depend on a stale view of the record.
+    pub fn is_refusal(&self) -> bool {
+        self.problem.status().is_client_error()
+    }
+}
+
 /// A problem counted by its status (see [`Verdict::from_status`]).
 impl From<Problem> for CommandError {
     fn from(problem: Problem) -> Self {
@@ -218,6 +227,9 @@ impl Executor {
         drop(turn);
         match ran {
             Ok(Ran::Written(outcome)) => Ok(outcome),
+            // The log failed (unavailable, say): answered at once; a retry
+            // under the same key finds out what became of the command.
+            Err(error) if !error.is_refusal() => Err(error),
             // The idempotency key is looked up only when nothing was written:
             // an append under a used key fails as a duplicate by itself, so
             // the common path spends no round trip on it. A retry of a
@@ -273,7 +285,9 @@ impl Executor {
                     }
                     read_log = true;
                 }
-                _ if !from_log => read_log = true,
+                // A refusal or a no-op stands only on the log's state.
+                Ok(Step::Unwritten(_)) if !from_log => read_log = true,
+                Err(error) if !from_log && error.is_refusal() => read_log = true,
                 Ok(Step::Unwritten(outcome)) => return Ok(Ran::Unwritten(outcome)),
                 Err(error) => return Err(error),
             }
