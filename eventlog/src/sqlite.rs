@@ -455,6 +455,16 @@ fn padded_chunks<T>(keys: &[T]) -> impl Iterator<Item = (&[T], usize)> {
     })
 }
 
+/// `chunk`'s keys, then its last key again up to `size` keys.
+fn padded<T>(chunk: &[T], size: usize) -> impl Iterator<Item = &T> {
+    let padding = chunk
+        .last()
+        .into_iter()
+        .cycle()
+        .take(size.saturating_sub(chunk.len()));
+    chunk.iter().chain(padding)
+}
+
 impl GroupPlan {
     async fn decide(
         conn: &mut SqliteConnection,
@@ -715,10 +725,7 @@ async fn read_state(
             "SELECT tenant_id, {IDEMPOTENCY_COLUMNS} FROM idempotency_records WHERE {wanted}"
         );
         let mut query = sqlx::query(&sql);
-        for (tenant, key) in chunk.iter().chain(std::iter::repeat_n(
-            &chunk[chunk.len() - 1],
-            size - chunk.len(),
-        )) {
+        for (tenant, key) in padded(chunk, size) {
             query = query.bind(tenant).bind(key);
         }
         for row in query.fetch_all(&mut *conn).await? {
@@ -735,10 +742,7 @@ async fn read_state(
             "SELECT tenant_id, stream_type, stream_id, version FROM streams WHERE {wanted}"
         );
         let mut query = sqlx::query_as::<_, (String, String, String, i64)>(&sql);
-        for (tenant, stream_type, stream_id) in chunk.iter().chain(std::iter::repeat_n(
-            &chunk[chunk.len() - 1],
-            size - chunk.len(),
-        )) {
+        for (tenant, stream_type, stream_id) in padded(chunk, size) {
             query = query.bind(tenant).bind(stream_type).bind(stream_id);
         }
         for (tenant, stream_type, stream_id, version) in query.fetch_all(&mut *conn).await? {
@@ -812,5 +816,7 @@ mod tests {
             assert_eq!(chunk.len(), n);
             assert!(STATEMENT_ROWS.contains(&size) && size >= n, "{n} -> {size}");
         }
+        let padded_keys: Vec<u8> = padded(&[1, 2, 3], 4).copied().collect();
+        assert_eq!(padded_keys, [1, 2, 3, 3]);
     }
 }

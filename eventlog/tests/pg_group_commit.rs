@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
 
-use common::{batch, committed, ev, stream, T};
+use common::{batch, committed, duplicate, ev, stream, T};
 use crm_eventlog::testing::PgTestDb;
 use crm_eventlog::*;
 use futures::future::join_all;
@@ -356,10 +356,7 @@ async fn refused_first_holder_of_a_key_hands_it_to_the_next_in_the_burst() {
         let rec = log.idempotency_record(T, "k").await.unwrap().unwrap();
         assert_eq!(rec.request_hash, "second");
         assert_eq!((rec.version, rec.position), (2, c.last_position));
-        match r3.unwrap() {
-            AppendOutcome::Duplicate(d) => assert_eq!(d, rec),
-            other => panic!("expected Duplicate, got {other:?}"),
-        }
+        assert_eq!(duplicate(r3.unwrap()), rec);
         assert_eq!(log.head_position().await.unwrap(), 2);
         log.close().await;
     })
@@ -397,23 +394,17 @@ async fn a_retry_sharing_a_group_with_a_write_keeps_the_committed_record_of_its_
         let stored = log.idempotency_record(T, "retried").await.unwrap();
         let stored = stored.expect("the committed record of the retried key is kept");
         assert_eq!((stored.version, stored.position), (1, first.last_position));
-        match retry.unwrap() {
-            AppendOutcome::Duplicate(d) => assert_eq!(d, stored),
-            other => panic!("expected Duplicate, got {other:?}"),
-        }
+        assert_eq!(duplicate(retry.unwrap()), stored);
         // A third try still finds it.
-        match log
+        let third = log
             .append(keyed(
                 vec![stream("lead", "r", ExpectedVersion::Exact(1), 1)],
                 "retried",
                 "h",
             ))
             .await
-            .unwrap()
-        {
-            AppendOutcome::Duplicate(d) => assert_eq!(d, stored),
-            other => panic!("expected Duplicate, got {other:?}"),
-        }
+            .unwrap();
+        assert_eq!(duplicate(third), stored);
         assert_eq!(log.stream_version(T, "lead", "r").await.unwrap(), 1);
         log.close().await;
     })

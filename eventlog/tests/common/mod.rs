@@ -77,6 +77,13 @@ pub fn committed(o: AppendOutcome) -> Committed {
     }
 }
 
+pub fn duplicate(o: AppendOutcome) -> IdempotencyRecord {
+    match o {
+        AppendOutcome::Duplicate(d) => d,
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+}
+
 pub async fn append_and_read_stream(log: &EventLog) {
     let c = committed(
         log.append(batch(vec![stream(
