@@ -34,21 +34,32 @@ pub struct ViewSettings {
     /// computation: while a read model folds, each fold would otherwise start
     /// one per view.
     pub refresh_after: Duration,
+    /// Background computations in flight at once in one cache. A request
+    /// that finds them all busy is answered by its stand-in and starts none:
+    /// while a read model folds, 85 timeline pages refreshing on their own
+    /// took the CPUs and read connections from the folds and the requests.
+    pub max_refreshes: usize,
 }
 
 /// A view may be 1 s old. A client that must see its own write passes the
 /// position it was given (`min_position`), which no stale view stands in for.
 pub const VIEW_MAX_STALENESS: Duration = Duration::from_secs(1);
 
-/// At most about ten computations of one view per second while its read model
-/// moves.
-pub const VIEW_REFRESH_AFTER: Duration = Duration::from_millis(100);
+/// At most about two computations of one view per second while its read
+/// model moves: half the staleness allowed, so a stand-in is renewed before it
+/// ages out as long as a computation takes under 500 ms.
+pub const VIEW_REFRESH_AFTER: Duration = Duration::from_millis(500);
+
+/// Background computations per cache at once (one per CPU of the machines
+/// this runs on; a request never waits for them).
+pub const VIEW_MAX_REFRESHES: usize = 2;
 
 impl Default for ViewSettings {
     fn default() -> Self {
         Self {
             max_staleness: VIEW_MAX_STALENESS,
             refresh_after: VIEW_REFRESH_AFTER,
+            max_refreshes: VIEW_MAX_REFRESHES,
         }
     }
 }
@@ -59,6 +70,7 @@ impl ViewSettings {
         Self {
             max_staleness: Duration::ZERO,
             refresh_after: Duration::ZERO,
+            max_refreshes: VIEW_MAX_REFRESHES,
         }
     }
 }
@@ -81,7 +93,8 @@ where
     /// computation in flight.
     exact: moka::future::Cache<(P, [ReadAt; N]), JsonBody>,
     newest: moka::future::Cache<P, Arc<Newest<N>>>,
-    /// Parameters whose background refresh is in flight (one at a time each).
+    /// Parameters whose background refresh is in flight (one at a time each,
+    /// at most `settings.max_refreshes` in all).
     refreshing: Arc<Mutex<HashSet<P>>>,
     settings: ViewSettings,
 }
@@ -197,7 +210,7 @@ where
         F: Future<Output = Result<JsonBody, Problem>> + Send + 'static,
     {
         let mut refreshing = self.refreshing.lock().unwrap_or_else(|e| e.into_inner());
-        if !refreshing.insert(key.0.clone()) {
+        if refreshing.len() >= self.settings.max_refreshes || !refreshing.insert(key.0.clone()) {
             return;
         }
         drop(refreshing);
@@ -276,6 +289,7 @@ mod tests {
         ViewSettings {
             max_staleness: Duration::from_secs(3600),
             refresh_after: Duration::ZERO,
+            max_refreshes: usize::MAX,
         }
     }
 
@@ -442,6 +456,7 @@ mod tests {
             ViewSettings {
                 max_staleness: Duration::from_millis(200),
                 refresh_after: Duration::ZERO,
+                max_refreshes: usize::MAX,
             },
         );
         views.get("board", at(10), 0, ready("at 10")).await.unwrap();
@@ -467,6 +482,7 @@ mod tests {
             ViewSettings {
                 max_staleness: Duration::from_secs(3600),
                 refresh_after: Duration::from_secs(3600),
+                max_refreshes: usize::MAX,
             },
         );
         views.get("board", at(10), 0, ready("at 10")).await.unwrap();
@@ -483,6 +499,61 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(computed.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn refreshes_beyond_max_refreshes_are_not_started_until_one_ends() {
+        let views = ViewCache::<&str, 1>::new(
+            1 << 20,
+            ViewSettings {
+                max_refreshes: 1,
+                ..lenient()
+            },
+        );
+        views.get("a", at(10), 0, ready("a at 10")).await.unwrap();
+        views.get("b", at(10), 0, ready("b at 10")).await.unwrap();
+
+        let release = Arc::new(Notify::new());
+        let slow = {
+            let release = release.clone();
+            async move {
+                release.notified().await;
+                Ok(body("a at 11"))
+            }
+        };
+        let answer = views.get("a", at(11), 0, slow).await;
+        assert_eq!(text(answer.unwrap()), "a at 10");
+
+        let computed = Arc::new(AtomicUsize::new(0));
+        let counting = |computed: &Arc<AtomicUsize>| {
+            let computed = computed.clone();
+            async move {
+                computed.fetch_add(1, Ordering::SeqCst);
+                Ok(body("b newer"))
+            }
+        };
+        let answer = views.get("b", at(11), 0, counting(&computed)).await;
+        assert_eq!(text(answer.unwrap()), "b at 10", "the stand-in answers");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            computed.load(Ordering::SeqCst),
+            0,
+            "no second refresh while one is in flight"
+        );
+
+        release.notify_one();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while computed.load(Ordering::SeqCst) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a refresh never started once the first ended"
+            );
+            views
+                .get("b", at(12), 0, counting(&computed))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     #[tokio::test]
