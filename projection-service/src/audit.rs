@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 use sqlx::Row;
 
 use crate::projection::{
-    apply_as_batch, decode, values_placeholders, BatchError, Projection, ProjectionError, Tables,
-    Tx,
+    apply_as_batch, decode, values_placeholders, BatchError, Placeholders, Projection,
+    ProjectionError, Tables, Tx,
 };
 use crate::readdb::{timestamp, ReadDb};
 use crate::records::paging::{
@@ -465,7 +465,7 @@ impl Projection for AuditProjection {
                     stream_type, stream_id, version, event_type, correlation_id, causation_id, request_id, client, changes)
                  VALUES {} ON CONFLICT (position) DO NOTHING",
                 tables.t("entries"),
-                values_placeholders(chunk.len(), 17)
+                values_placeholders(Placeholders::of(tx), chunk.len(), 17)
             );
             let mut query = sqlx::query(&sql).persistent(false);
             for row in chunk {
@@ -478,7 +478,7 @@ impl Projection for AuditProjection {
                 "INSERT INTO {} (position, seq, field, old_value, new_value) VALUES {}
                  ON CONFLICT (position, seq) DO NOTHING",
                 tables.t("changes"),
-                values_placeholders(chunk.len(), 5)
+                values_placeholders(Placeholders::of(tx), chunk.len(), 5)
             );
             let mut query = sqlx::query(&sql).persistent(false);
             for (position, seq, change) in chunk {

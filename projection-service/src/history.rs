@@ -22,8 +22,8 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use crate::projection::{
-    apply_as_batch, decode, values_placeholders, BatchError, Projection, ProjectionError, Tables,
-    Tx,
+    apply_as_batch, decode, values_placeholders, BatchError, Placeholders, Projection,
+    ProjectionError, Tables, Tx,
 };
 use crate::readdb::{timestamp, ReadDb};
 use crate::records::paging::{decode_cursor, encode_cursor, json_text, page_limit, Binds};
@@ -566,7 +566,7 @@ impl Projection for HistoryProjection {
                     contact_id, summary, actor, details)
                  VALUES {} ON CONFLICT (position) DO NOTHING",
                 tables.t("entries"),
-                values_placeholders(chunk.len(), 11)
+                values_placeholders(Placeholders::of(tx), chunk.len(), 11)
             );
             let mut query = sqlx::query(&sql).persistent(false);
             for (event, entry) in chunk {

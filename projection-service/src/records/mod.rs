@@ -24,8 +24,8 @@ use serde_json::{json, Value};
 use sqlx::Row;
 
 use crate::projection::{
-    apply_as_batch, decode, values_placeholders, BatchError, Projection, ProjectionError, Tables,
-    Tx,
+    apply_as_batch, decode, values_placeholders, BatchError, Placeholders, Projection,
+    ProjectionError, Tables, Tx,
 };
 use crate::readdb::{timestamp, ReadDb};
 use paging::{decode_position_cursor, encode_cursor, page_limit, parse_time, Binds};
@@ -455,7 +455,7 @@ impl Projection for RecordsProjection {
                     status = EXCLUDED.status, account_id = EXCLUDED.account_id, version = EXCLUDED.version,
                     updated_at = EXCLUDED.updated_at, updated_position = EXCLUDED.updated_position,
                     state = EXCLUDED.state, data = EXCLUDED.data",
-                values_placeholders(chunk.len(), 12)
+                values_placeholders(Placeholders::of(tx), chunk.len(), 12)
             );
             let mut query = sqlx::query(&sql).persistent(false);
             for (kind, id, folded) in chunk {
