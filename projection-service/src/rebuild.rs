@@ -1,7 +1,7 @@
 //! Rebuild: replay the whole log into a new generation of a projection's
 //! tables while the serving generation keeps answering, then switch.
 
-use crm_eventlog::EventLog;
+use crm_eventlog::{EventLog, RecordedEvent};
 
 use crate::fold::{fold_batch, Advance};
 use crate::projection::Projection;
@@ -17,6 +17,8 @@ pub enum RebuildError {
     Database(#[from] sqlx::Error),
     #[error("event log: {0}")]
     Log(#[from] crm_eventlog::LogError),
+    #[error("reading the log ahead stopped: {0}")]
+    ReadAhead(#[from] tokio::task::JoinError),
     #[error(
         "projection {projection} cannot fold event {event_id} at position {position}: {error}"
     )]
@@ -28,6 +30,18 @@ pub enum RebuildError {
     },
 }
 
+/// The log's head, then up to a batch of events after `position` (the head
+/// first: a batch short of full that reaches it means the log is replayed).
+async fn read_ahead(
+    log: EventLog,
+    position: i64,
+    batch: i64,
+) -> Result<(i64, Vec<RecordedEvent>), RebuildError> {
+    let head = log.head_position().await?;
+    let events = log.read_all(position, batch).await?;
+    Ok((head, events))
+}
+
 /// Replays the log from position 0 into a fresh generation and makes it the
 /// serving one once caught up with the head. `progress(position, head)` is
 /// called after every batch. Returns the new generation number.
@@ -35,23 +49,40 @@ pub async fn rebuild(
     log: &EventLog,
     db: &ReadDb,
     projection: &dyn Projection,
+    progress: impl FnMut(i64, i64),
+) -> Result<i64, RebuildError> {
+    rebuild_in_batches(log, db, projection, REBUILD_BATCH, progress).await
+}
+
+/// [`rebuild`] folding `batch` events per transaction.
+pub async fn rebuild_in_batches(
+    log: &EventLog,
+    db: &ReadDb,
+    projection: &dyn Projection,
+    batch: i64,
     mut progress: impl FnMut(i64, i64),
 ) -> Result<i64, RebuildError> {
+    let batch = batch.max(1);
     registry::ensure(db).await?;
     let generation = registry::create_generation(db, projection, registry::BUILDING).await?;
     let tables = generation.tables();
     let mut position = 0;
+    let (mut head, mut events) = read_ahead(log.clone(), position, batch).await?;
     loop {
-        let head = log.head_position().await?;
-        let events = log.read_all(position, REBUILD_BATCH).await?;
-        let advance = events.last().map(|last| Advance {
+        let full = events.len() as i64 == batch;
+        let last = events.last().map_or(position, |last| last.position);
+        // The next batch is read (and decoded, on another thread) while this
+        // one folds: reading the log was a third of a rebuild's time.
+        let next = tokio::spawn(read_ahead(log.clone(), last, batch));
+        let advance = (!events.is_empty()).then(|| Advance {
             name: &generation.name,
             generation: generation.generation,
             part: None,
             from: position,
-            to: last.position,
+            to: last,
         });
         if let Err(failure) = fold_batch(db, projection, &tables, &events, advance).await {
+            next.abort();
             let (event_id, at) = failure
                 .event
                 .as_ref()
@@ -64,13 +95,13 @@ pub async fn rebuild(
                 error: failure.error.to_string(),
             });
         }
-        if let Some(last) = events.last() {
-            position = last.position;
-        }
+        position = last;
         progress(position, head.max(position));
-        if (events.len() as i64) < REBUILD_BATCH && position >= head {
+        if !full && position >= head {
+            next.abort();
             break;
         }
+        (head, events) = next.await??;
     }
     // The live runner continues from this generation's checkpoint after the switch.
     registry::activate(db, projection.name(), generation.generation).await?;

@@ -173,6 +173,25 @@ async fn scenario(log: EventLog, db: ReadDb) {
     assert_eq!(rebuilt.generation, generation);
     assert!(generation > tally.generation);
     assert_eq!(seen(&db, &rebuilt.tables()).await, all);
+    // In batches smaller than the log: each batch folds while the next is read.
+    let mut reported = Vec::new();
+    let in_batches = crm_projection_service::rebuild::rebuild_in_batches(
+        &log,
+        &db,
+        healthy.as_ref(),
+        7,
+        |position, _| reported.push(position),
+    )
+    .await
+    .unwrap();
+    assert!(in_batches > generation);
+    let rebuilt = registry::active(&db, "tally").await.unwrap().unwrap();
+    assert_eq!(rebuilt.generation, in_batches);
+    assert_eq!(rebuilt.checkpoint, head);
+    assert_eq!(seen(&db, &rebuilt.tables()).await, all);
+    assert_eq!(reported.len(), all.len().div_ceil(7), "{reported:?}");
+    assert!(reported.is_sorted() && reported.last() == Some(&head));
+    let generation = in_batches;
     let extra = append(&log, "later", json!({"n": 99})).await;
     let followed = wait_for_checkpoint(&db, "tally", extra).await;
     assert_eq!(
