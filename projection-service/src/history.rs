@@ -1588,4 +1588,91 @@ mod tests {
         history_scenario_on_postgres,
         scenario_body
     );
+
+    /// Lookup rows written by an earlier batch and changed in this one: a
+    /// later event of the batch sees the change (a rename shows in the
+    /// entries after it).
+    async fn renames_in_a_batch_body(db: ReadDb) {
+        use crm_domain::account::Account;
+        use crm_domain::contact::{Contact, ContactCommand};
+        use crm_domain::opportunity::{Opportunity, OpportunityCommand};
+        use crm_domain::values::{AccountKind, ActivityKind};
+
+        let mut s = scenario::Script::default();
+        let (mut account, mut contact, mut deal) = (
+            Account::default(),
+            Contact::default(),
+            Opportunity::default(),
+        );
+        let register = scenario::register(A1, "Acme Corp", AccountKind::Customer, "alice", 0);
+        s.run(&mut account, "account", A1, register, "alice", 0);
+        let create = scenario::create_contact(C1, A1, "Old Name", "jane@acme.example", 1);
+        s.run(&mut contact, "contact", C1, create, "alice", 1);
+        let open = scenario::open_opportunity(scenario::O1, A1, "Old deal", "100.00 USD", 2);
+        s.run(&mut deal, "opportunity", scenario::O1, open, "alice", 2);
+        let first_batch = s.events.len();
+        let rename = ContactCommand::UpdateContact {
+            account_id: None,
+            name: Some("New Name".into()),
+            email: None,
+            phone: None,
+            title: None,
+            preferred_channel: None,
+            occurred_at: scenario::at(3),
+        };
+        s.run(&mut contact, "contact", C1, rename, "alice", 3);
+        let call = scenario::log_activity(0xCA11, ActivityKind::Call, "Intro", 4);
+        s.run(&mut contact, "contact", C1, call, "alice", 4);
+        let rename_deal = OpportunityCommand::UpdateOpportunity {
+            name: Some("New deal".into()),
+            amount: None,
+            expected_close: None,
+            owner: None,
+            occurred_at: scenario::at(5),
+        };
+        s.run(
+            &mut deal,
+            "opportunity",
+            scenario::O1,
+            rename_deal,
+            "alice",
+            5,
+        );
+        let advance = OpportunityCommand::AdvanceStage {
+            stage: "qualification".into(),
+            reason: None,
+            occurred_at: scenario::at(6),
+        };
+        s.run(&mut deal, "opportunity", scenario::O1, advance, "alice", 6);
+
+        let tables = Tables::new("history", 1);
+        crate::fold::create_tables(&db, &HistoryProjection, &tables)
+            .await
+            .unwrap();
+        for batch in [&s.events[..first_batch], &s.events[first_batch..]] {
+            crate::fold::fold_batch(&db, &HistoryProjection, &tables, batch, None)
+                .await
+                .unwrap_or_else(|f| panic!("fold failed: {:?}", f.error));
+        }
+        let page = timeline(&db, &tables, &for_account(A1)).await.unwrap();
+        let summaries: Vec<&str> = page.items.iter().map(|e| e.summary.as_str()).collect();
+        assert_eq!(
+            summaries,
+            vec![
+                "Opportunity New deal moved from prospecting to qualification",
+                "Opportunity New deal updated (name)",
+                "Call with New Name: Intro (20 min, interested)",
+                "Contact New Name updated (name)",
+                "Opportunity Old deal opened: 100.00 USD in prospecting",
+                "Contact Old Name created",
+                "Account Acme Corp registered",
+            ]
+        );
+    }
+
+    on_both_backends!(
+        a_rename_shows_in_the_entries_after_it_on_sqlite,
+        a_rename_shows_in_the_entries_after_it_on_postgres,
+        renames_in_a_batch_body
+    );
 }

@@ -182,7 +182,13 @@ fn money(text: &str) -> Money {
     Money::parse(text).unwrap()
 }
 
-fn register(id_: u128, name: &str, kind: AccountKind, owner: &str, minute: i64) -> AccountCommand {
+pub(crate) fn register(
+    id_: u128,
+    name: &str,
+    kind: AccountKind,
+    owner: &str,
+    minute: i64,
+) -> AccountCommand {
     AccountCommand::RegisterAccount {
         id: AccountId::new(uuid(id_)),
         name: name.into(),
@@ -197,7 +203,7 @@ fn register(id_: u128, name: &str, kind: AccountKind, owner: &str, minute: i64) 
     }
 }
 
-fn create_contact(
+pub(crate) fn create_contact(
     id_: u128,
     account: u128,
     name: &str,
@@ -216,7 +222,7 @@ fn create_contact(
     }
 }
 
-fn open_opportunity(
+pub(crate) fn open_opportunity(
     id_: u128,
     account: u128,
     name: &str,
@@ -236,7 +242,7 @@ fn open_opportunity(
     }
 }
 
-fn log_activity(
+pub(crate) fn log_activity(
     activity: u128,
     kind: ActivityKind,
     subject: &str,
