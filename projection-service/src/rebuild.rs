@@ -72,7 +72,7 @@ pub async fn rebuild_in_batches(
         let full = events.len() as i64 == batch;
         let last = events.last().map_or(position, |last| last.position);
         // The next batch is read (and decoded, on another thread) while this
-        // one folds: reading the log was a third of a rebuild's time.
+        // one folds, instead of between two folds.
         let next = tokio::spawn(read_ahead(log.clone(), last, batch));
         let advance = (!events.is_empty()).then(|| Advance {
             name: &generation.name,
