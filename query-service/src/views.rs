@@ -297,19 +297,25 @@ mod tests {
         Ok(body(text))
     }
 
+    /// A computation of `text` that ends once `release` is notified.
+    fn held(
+        release: &Arc<Notify>,
+        text: &'static str,
+    ) -> impl std::future::Future<Output = Result<JsonBody, Problem>> + Send + 'static {
+        let release = release.clone();
+        async move {
+            release.notified().await;
+            Ok(body(text))
+        }
+    }
+
     #[tokio::test]
     async fn a_recent_view_answers_while_a_fresher_one_is_computed() {
         let views = ViewCache::<&str, 1>::new(1 << 20, lenient());
         views.get("board", at(10), 0, ready("at 10")).await.unwrap();
 
         let release = Arc::new(Notify::new());
-        let slow = {
-            let release = release.clone();
-            async move {
-                release.notified().await;
-                Ok(body("at 20"))
-            }
-        };
+        let slow = held(&release, "at 20");
         let answer =
             tokio::time::timeout(Duration::from_secs(5), views.get("board", at(20), 0, slow))
                 .await
@@ -514,13 +520,7 @@ mod tests {
         views.get("b", at(10), 0, ready("b at 10")).await.unwrap();
 
         let release = Arc::new(Notify::new());
-        let slow = {
-            let release = release.clone();
-            async move {
-                release.notified().await;
-                Ok(body("a at 11"))
-            }
-        };
+        let slow = held(&release, "a at 11");
         let answer = views.get("a", at(11), 0, slow).await;
         assert_eq!(text(answer.unwrap()), "a at 10");
 
