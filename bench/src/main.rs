@@ -59,6 +59,11 @@ struct Args {
     /// Also write the report to this file.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Leave the embedded section's SQLite store on disk (its path goes to
+    /// stderr) instead of deleting it: a filled store to profile `crm rebuild`
+    /// or `crm serve` on.
+    #[arg(long)]
+    keep_store: bool,
 }
 
 impl Args {
@@ -449,6 +454,14 @@ async fn sqlite(args: &Args, data: &Dataset, report: &mut Report) -> anyhow::Res
         true,
         " MB",
     );
-    server.finish().await;
+    if args.keep_store {
+        let store = server.keep_store().await;
+        eprintln!(
+            "crm-bench: the embedded store is kept in {}",
+            store.display()
+        );
+    } else {
+        server.finish().await;
+    }
     Ok(())
 }

@@ -217,6 +217,17 @@ impl Server {
 
     /// Stops the process and removes its store.
     pub async fn finish(mut self) {
+        self.stop().await;
+    }
+
+    /// Stops the process and leaves its data directory (the embedded store)
+    /// on disk; its path. A PostgreSQL database is dropped all the same.
+    pub async fn keep_store(mut self) -> PathBuf {
+        self.stop().await;
+        self.data_dir.keep()
+    }
+
+    async fn stop(&mut self) {
         let _ = self.child.kill().await;
         if let Some(db) = self.pg.take() {
             db.drop_db().await;

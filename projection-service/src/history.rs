@@ -19,8 +19,9 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::any::AnyRow;
-use sqlx::Row;
+use sqlx::Row as _;
 
+use crate::lookups::{self, Cell, Kind, Lookups, Table};
 use crate::projection::{
     apply_as_batch, decode, values_placeholders, BatchError, Placeholders, Projection,
     ProjectionError, Tables, Tx,
@@ -542,24 +543,36 @@ impl Projection for HistoryProjection {
         apply_as_batch(self, tx, tables, event).await
     }
 
-    /// Lookup rows are kept per event (later events of the batch read them);
-    /// timeline entries, which folding never reads back, are written at the
-    /// end in multi-row inserts.
+    /// Lookup rows are held in memory for the batch (read ahead, a few
+    /// statements per table) and written back at its end; timeline entries,
+    /// which folding never reads back, are written at the end too, all in
+    /// multi-row statements.
     async fn apply_batch(
         &self,
         tx: &mut Tx,
         tables: &Tables,
         events: &[RecordedEvent],
     ) -> Result<(), BatchError> {
+        let mut lookups = Lookups::new(tables, Placeholders::of(tx));
+        for (table, keys) in lookup_keys(events) {
+            lookups
+                .read_ahead(tx, table, keys)
+                .await
+                .map_err(BatchError::whole_batch)?;
+        }
         let mut entries = Vec::new();
         for (index, event) in events.iter().enumerate() {
-            let entry = entry_for(tx, tables, event)
+            let entry = entry_for(tx, &mut lookups, event)
                 .await
                 .map_err(BatchError::at(index))?;
             if let Some(entry) = entry {
                 entries.push((event, entry));
             }
         }
+        lookups
+            .write_back(tx)
+            .await
+            .map_err(BatchError::whole_batch)?;
         for chunk in entries.chunks(ENTRIES_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO {} (position, occurred_at, kind, event_type, stream_type, stream_id, account_id,
@@ -595,17 +608,122 @@ impl Projection for HistoryProjection {
 /// Timeline entries per multi-row insert (11 parameters each).
 const ENTRIES_PER_INSERT: usize = 50;
 
+static LEADS: Table = Table {
+    base: "leads",
+    columns: &[
+        ("lead_id", Kind::Text),
+        ("name", Kind::Text),
+        ("company", Kind::Text),
+    ],
+};
+static ACCOUNTS: Table = Table {
+    base: "accounts",
+    columns: &[
+        ("account_id", Kind::Text),
+        ("name", Kind::Text),
+        ("kind", Kind::Text),
+        ("owner", Kind::Text),
+        ("industry", Kind::Text),
+        ("archived", Kind::Int),
+    ],
+};
+static CONTACTS: Table = Table {
+    base: "contacts",
+    columns: &[
+        ("contact_id", Kind::Text),
+        ("account_id", Kind::Text),
+        ("name", Kind::Text),
+        ("email", Kind::Text),
+    ],
+};
+static OPPORTUNITIES: Table = Table {
+    base: "opportunities",
+    columns: &[
+        ("opportunity_id", Kind::Text),
+        ("account_id", Kind::Text),
+        ("name", Kind::Text),
+        ("status", Kind::Text),
+        ("amount", Kind::Text),
+        ("currency", Kind::Text),
+        ("close_amount", Kind::Text),
+        ("close_currency", Kind::Text),
+    ],
+};
+static CASES: Table = Table {
+    base: "cases",
+    columns: &[
+        ("case_id", Kind::Text),
+        ("account_id", Kind::Text),
+        ("contact_id", Kind::Text),
+        ("subject", Kind::Text),
+        ("status", Kind::Text),
+    ],
+};
+static ACTIVITIES: Table = Table {
+    base: "activities",
+    columns: &[
+        ("activity_id", Kind::Text),
+        ("contact_id", Kind::Text),
+        ("account_id", Kind::Text),
+        ("kind", Kind::Text),
+        ("subject", Kind::Text),
+        ("occurred_at", Kind::Text),
+        ("actor", Kind::Text),
+        ("task_status", Kind::Text),
+        ("position", Kind::Int),
+    ],
+};
+
+/// The lookup rows a batch will ask for, by table: each event's own stream's
+/// row, the activity a contact event names and the contact a case names.
+/// Only a saving: a row not named here is read when first asked for.
+fn lookup_keys(events: &[RecordedEvent]) -> Vec<(&'static Table, Vec<String>)> {
+    let mut keys: Vec<(&'static Table, Vec<String>)> = [
+        &LEADS,
+        &ACCOUNTS,
+        &CONTACTS,
+        &OPPORTUNITIES,
+        &CASES,
+        &ACTIVITIES,
+    ]
+    .into_iter()
+    .map(|table| (table, Vec::new()))
+    .collect();
+    let mut add = |table: &'static Table, key: Option<String>| {
+        if let (Some(key), Some((_, list))) =
+            (key, keys.iter_mut().find(|(t, _)| std::ptr::eq(*t, table)))
+        {
+            list.push(key);
+        }
+    };
+    for event in events {
+        let own = Some(event.stream_id.clone());
+        let named = |field: &str| json_text(event.payload.get(field));
+        match event.stream_type.as_str() {
+            "lead" => add(&LEADS, own),
+            "account" => add(&ACCOUNTS, own),
+            "contact" => {
+                add(&CONTACTS, own);
+                add(&ACTIVITIES, named("activity_id"));
+            }
+            "opportunity" => add(&OPPORTUNITIES, own),
+            "case" => {
+                add(&CASES, own);
+                add(&CONTACTS, named("contact_id"));
+            }
+            _ => {}
+        }
+    }
+    keys
+}
+
 /// Updates the lookup rows for `event`; the timeline entry it adds, if any.
 async fn entry_for(
     tx: &mut Tx,
-    tables: &Tables,
+    lookups: &mut Lookups,
     event: &RecordedEvent,
 ) -> Result<Option<NewEntry>, ProjectionError> {
-    let mut fold = Fold {
-        tx,
-        t: tables,
-        event,
-    };
+    let mut fold = Fold { tx, lookups, event };
     match event.stream_type.as_str() {
         "lead" => fold.lead().await,
         "account" => fold.account().await,
@@ -629,7 +747,7 @@ struct NewEntry {
 /// One event being folded.
 struct Fold<'a> {
     tx: &'a mut Tx,
-    t: &'a Tables,
+    lookups: &'a mut Lookups,
     event: &'a RecordedEvent,
 }
 
@@ -687,78 +805,59 @@ impl Fold<'_> {
         })
     }
 
-    /// One row of a lookup table by key.
+    /// One lookup row by key.
     async fn row(
         &mut self,
-        table: &str,
-        key: &str,
+        table: &'static Table,
         id: &str,
-    ) -> Result<Option<AnyRow>, sqlx::Error> {
-        sqlx::query(&format!(
-            "SELECT * FROM {} WHERE {key} = $1",
-            self.t.t(table)
-        ))
-        .bind(id.to_string())
-        .fetch_optional(&mut **self.tx)
-        .await
+    ) -> Result<Option<lookups::Row>, sqlx::Error> {
+        Ok(self.lookups.get(self.tx, table, id).await?.cloned())
     }
 
     /// A text column of a lookup row (None if the row or value is missing).
     async fn column(
         &mut self,
-        table: &str,
-        key: &str,
+        table: &'static Table,
         id: &str,
         column: &str,
     ) -> Result<Option<String>, sqlx::Error> {
-        match self.row(table, key, id).await? {
-            Some(row) => row.try_get::<Option<String>, _>(column),
-            None => Ok(None),
-        }
+        Ok(self
+            .lookups
+            .get(self.tx, table, id)
+            .await?
+            .and_then(|row| row.text(column)))
     }
 
-    async fn exec(&mut self, sql: &str, binds: Binds) -> Result<(), sqlx::Error> {
-        binds.apply(sql).execute(&mut **self.tx).await?;
-        Ok(())
-    }
-
-    /// `UPDATE <table> SET <column> = <value> WHERE <key> = <id>`.
-    async fn set(
+    /// Creates the row or sets these columns of it.
+    async fn upsert(
         &mut self,
-        table: &str,
-        key: &str,
+        table: &'static Table,
         id: &str,
-        column: &str,
-        value: Option<String>,
+        cells: &[(&str, Cell)],
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(&format!(
-            "UPDATE {} SET {column} = $1 WHERE {key} = $2",
-            self.t.t(table)
-        ))
-        .bind(value)
-        .bind(id.to_string())
-        .execute(&mut **self.tx)
-        .await?;
-        Ok(())
+        self.lookups.upsert(self.tx, table, id, cells).await
+    }
+
+    /// Sets these columns of the row, if there is one.
+    async fn update(
+        &mut self,
+        table: &'static Table,
+        id: &str,
+        cells: &[(&str, Cell)],
+    ) -> Result<(), sqlx::Error> {
+        self.lookups.update(self.tx, table, id, cells).await
     }
 
     async fn lead(&mut self) -> Result<Option<NewEntry>, ProjectionError> {
         let id = self.event.stream_id.clone();
         match decode::<LeadEvent>(self.event)? {
             LeadEvent::LeadCaptured { name, company, .. } => {
-                let mut b = Binds::default();
-                let sql = format!(
-                    "INSERT INTO {} (lead_id, name, company) VALUES ({}, {}, {})
-                     ON CONFLICT (lead_id) DO UPDATE SET name = EXCLUDED.name, company = EXCLUDED.company",
-                    self.t.t("leads"),
-                    b.text(id),
-                    b.text(name),
-                    match company {
-                        Some(c) => b.text(c),
-                        None => "NULL".into(),
-                    }
-                );
-                self.exec(&sql, b).await?;
+                self.upsert(
+                    &LEADS,
+                    &id,
+                    &[("name", name.into()), ("company", company.into())],
+                )
+                .await?;
                 Ok(None)
             }
             LeadEvent::LeadQualified { .. } | LeadEvent::LeadDisqualified { .. } => Ok(None),
@@ -770,12 +869,9 @@ impl Fold<'_> {
                 occurred_at,
                 ..
             } => {
-                let lead = self.row("leads", "lead_id", &id).await?;
-                let name: Option<String> = lead.as_ref().map(|r| r.try_get("name")).transpose()?;
-                let company: Option<String> = match &lead {
-                    Some(r) => r.try_get("company")?,
-                    None => None,
-                };
+                let lead = self.row(&LEADS, &id).await?;
+                let name = lead.as_ref().and_then(|r| r.text("name"));
+                let company = lead.as_ref().and_then(|r| r.text("company"));
                 let who = match (&name, &company) {
                     (Some(n), Some(c)) => format!("{n} ({c})"),
                     (Some(n), None) => n.clone(),
@@ -815,19 +911,18 @@ impl Fold<'_> {
                 occurred_at,
                 ..
             } => {
-                let mut b = Binds::default();
-                let sql = format!(
-                    "INSERT INTO {} (account_id, name, kind, owner, industry, archived) VALUES ({}, {}, {}, {}, {}, 0)
-                     ON CONFLICT (account_id) DO UPDATE SET name = EXCLUDED.name, kind = EXCLUDED.kind,
-                        owner = EXCLUDED.owner, industry = EXCLUDED.industry, archived = 0",
-                    self.t.t("accounts"),
-                    b.text(id),
-                    b.text(name.clone()),
-                    b.text(kind.as_str()),
-                    owner.map_or("NULL".into(), |o| b.text(o)),
-                    industry.map_or("NULL".into(), |i| b.text(i)),
-                );
-                self.exec(&sql, b).await?;
+                self.upsert(
+                    &ACCOUNTS,
+                    &id,
+                    &[
+                        ("name", name.clone().into()),
+                        ("kind", kind.as_str().into()),
+                        ("owner", owner.into()),
+                        ("industry", industry.into()),
+                        ("archived", 0.into()),
+                    ],
+                )
+                .await?;
                 self.entry(
                     "account",
                     some_id,
@@ -846,7 +941,7 @@ impl Fold<'_> {
                             "industry" => value,
                             _ => Some(value.unwrap_or_default()),
                         };
-                        self.set("accounts", "account_id", &id, column, value)
+                        self.update(&ACCOUNTS, &id, &[(column, value.into())])
                             .await?;
                     }
                 }
@@ -863,7 +958,7 @@ impl Fold<'_> {
                 to,
                 occurred_at,
             } => {
-                self.set("accounts", "account_id", &id, "owner", Some(to.clone()))
+                self.update(&ACCOUNTS, &id, &[("owner", to.clone().into())])
                     .await?;
                 let summary = match from {
                     Some(from) => format!("Account owner changed from {from} to {to}"),
@@ -875,13 +970,8 @@ impl Fold<'_> {
                 reason,
                 occurred_at,
             } => {
-                sqlx::query(&format!(
-                    "UPDATE {} SET archived = 1 WHERE account_id = $1",
-                    self.t.t("accounts")
-                ))
-                .bind(id.clone())
-                .execute(&mut **self.tx)
-                .await?;
+                self.update(&ACCOUNTS, &id, &[("archived", 1.into())])
+                    .await?;
                 let summary = match reason {
                     Some(reason) => format!("Account archived: {reason}"),
                     None => "Account archived".to_string(),
@@ -889,13 +979,8 @@ impl Fold<'_> {
                 self.entry("account", some_id, None, &occurred_at, summary)
             }
             AccountEvent::AccountRestored { occurred_at } => {
-                sqlx::query(&format!(
-                    "UPDATE {} SET archived = 0 WHERE account_id = $1",
-                    self.t.t("accounts")
-                ))
-                .bind(id.clone())
-                .execute(&mut **self.tx)
-                .await?;
+                self.update(&ACCOUNTS, &id, &[("archived", 0.into())])
+                    .await?;
                 self.entry(
                     "account",
                     some_id,
@@ -919,18 +1004,16 @@ impl Fold<'_> {
                 ..
             } => {
                 let account_id = account_id.map(|a| a.to_string());
-                let mut b = Binds::default();
-                let sql = format!(
-                    "INSERT INTO {} (contact_id, account_id, name, email) VALUES ({}, {}, {}, {})
-                     ON CONFLICT (contact_id) DO UPDATE SET account_id = EXCLUDED.account_id,
-                        name = EXCLUDED.name, email = EXCLUDED.email",
-                    self.t.t("contacts"),
-                    b.text(id.clone()),
-                    account_id.clone().map_or("NULL".into(), |a| b.text(a)),
-                    b.text(name.clone()),
-                    email.map_or("NULL".into(), |e| b.text(e.as_str())),
-                );
-                self.exec(&sql, b).await?;
+                self.upsert(
+                    &CONTACTS,
+                    &id,
+                    &[
+                        ("account_id", account_id.clone().into()),
+                        ("name", name.clone().into()),
+                        ("email", email.map(|e| e.as_str().to_string()).into()),
+                    ],
+                )
+                .await?;
                 self.entry(
                     "contact",
                     account_id,
@@ -949,16 +1032,15 @@ impl Fold<'_> {
                             "name" => Some(value.unwrap_or_default()),
                             _ => value,
                         };
-                        self.set("contacts", "contact_id", &id, column, value)
+                        self.update(&CONTACTS, &id, &[(column, value.into())])
                             .await?;
                     }
                 }
-                let account_id = self
-                    .column("contacts", "contact_id", &id, "account_id")
-                    .await?;
-                let name = self
-                    .column("contacts", "contact_id", &id, "name")
-                    .await?
+                let contact = self.row(&CONTACTS, &id).await?;
+                let account_id = contact.as_ref().and_then(|c| c.text("account_id"));
+                let name = contact
+                    .as_ref()
+                    .and_then(|c| c.text("name"))
                     .unwrap_or_default();
                 self.entry(
                     "contact",
@@ -980,28 +1062,27 @@ impl Fold<'_> {
             } => {
                 let account_id = match account_id {
                     Some(a) => Some(a.to_string()),
-                    None => {
-                        self.column("contacts", "contact_id", &id, "account_id")
-                            .await?
-                    }
+                    None => self.column(&CONTACTS, &id, "account_id").await?,
                 };
-                let contact_name = self.column("contacts", "contact_id", &id, "name").await?;
-                let mut b = Binds::default();
-                let sql = format!(
-                    "INSERT INTO {} (activity_id, contact_id, account_id, kind, subject, occurred_at, actor, task_status, position)
-                     VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {}) ON CONFLICT (activity_id) DO NOTHING",
-                    self.t.t("activities"),
-                    b.text(activity_id.to_string()),
-                    b.text(id.clone()),
-                    account_id.clone().map_or("NULL".into(), |a| b.text(a)),
-                    b.text(kind.as_str()),
-                    b.text(subject.clone()),
-                    b.text(occurred(&occurred_at)),
-                    actor.map_or("NULL".into(), |a| b.text(a)),
-                    if kind == ActivityKind::Task { b.text("open") } else { "NULL".into() },
-                    b.int(self.event.position),
-                );
-                self.exec(&sql, b).await?;
+                let contact_name = self.column(&CONTACTS, &id, "name").await?;
+                let task_status = (kind == ActivityKind::Task).then(|| "open".to_string());
+                self.lookups
+                    .insert_if_absent(
+                        self.tx,
+                        &ACTIVITIES,
+                        &activity_id.to_string(),
+                        &[
+                            ("contact_id", id.clone().into()),
+                            ("account_id", account_id.clone().into()),
+                            ("kind", kind.as_str().into()),
+                            ("subject", subject.clone().into()),
+                            ("occurred_at", occurred(&occurred_at).into()),
+                            ("actor", actor.into()),
+                            ("task_status", task_status.into()),
+                            ("position", self.event.position.into()),
+                        ],
+                    )
+                    .await?;
                 let mut summary = capitalised(kind.as_str());
                 if let Some(name) = &contact_name {
                     summary.push_str(&format!(" with {name}"));
@@ -1027,24 +1108,20 @@ impl Fold<'_> {
                 occurred_at,
             } => {
                 let activity_id = activity_id.to_string();
-                self.set(
-                    "activities",
-                    "activity_id",
+                self.update(
+                    &ACTIVITIES,
                     &activity_id,
-                    "task_status",
-                    Some("completed".into()),
+                    &[("task_status", "completed".into())],
                 )
                 .await?;
-                let task = self.row("activities", "activity_id", &activity_id).await?;
-                let (subject, account_id) = match &task {
+                let (subject, account_id) = match self.row(&ACTIVITIES, &activity_id).await? {
                     Some(row) => (
-                        row.try_get::<String, _>("subject")?,
-                        row.try_get::<Option<String>, _>("account_id")?,
+                        row.text("subject").unwrap_or_default(),
+                        row.text("account_id"),
                     ),
                     None => (
                         activity_id.clone(),
-                        self.column("contacts", "contact_id", &id, "account_id")
-                            .await?,
+                        self.column(&CONTACTS, &id, "account_id").await?,
                     ),
                 };
                 let mut summary = format!("Task completed: {subject}");
@@ -1070,26 +1147,24 @@ impl Fold<'_> {
             ..
         } = &event
         {
-            let mut b = Binds::default();
-            let sql = format!(
-                "INSERT INTO {} (opportunity_id, account_id, name, status, amount, currency) VALUES ({}, {}, {}, 'open', {}, {})
-                 ON CONFLICT (opportunity_id) DO UPDATE SET account_id = EXCLUDED.account_id, name = EXCLUDED.name,
-                    status = 'open', amount = EXCLUDED.amount, currency = EXCLUDED.currency",
-                self.t.t("opportunities"),
-                b.text(id.clone()),
-                b.text(account_id.to_string()),
-                b.text(name.clone()),
-                b.text(amount.amount().to_string()),
-                b.text(amount.currency().as_str()),
-            );
-            self.exec(&sql, b).await?;
+            self.upsert(
+                &OPPORTUNITIES,
+                &id,
+                &[
+                    ("account_id", account_id.to_string().into()),
+                    ("name", name.clone().into()),
+                    ("status", "open".into()),
+                    ("amount", amount.amount().to_string().into()),
+                    ("currency", amount.currency().as_str().into()),
+                ],
+            )
+            .await?;
         }
-        let Some(row) = self.row("opportunities", "opportunity_id", &id).await? else {
+        let Some(row) = self.row(&OPPORTUNITIES, &id).await? else {
             return Ok(None); // an opportunity never opened: nothing to attach to
         };
-        let account_id: String = row.try_get("account_id")?;
-        let mut name: String = row.try_get("name")?;
-        let table = self.t.t("opportunities");
+        let account_id = row.text("account_id").unwrap_or_default();
+        let mut name = row.text("name").unwrap_or_default();
         let (at, summary) = match event {
             OpportunityEvent::OpportunityOpened {
                 amount,
@@ -1114,26 +1189,18 @@ impl Fold<'_> {
                 occurred_at,
             } => {
                 if let Some(Some(new_name)) = new_text(&changes, "name") {
-                    self.set(
-                        "opportunities",
-                        "opportunity_id",
-                        &id,
-                        "name",
-                        Some(new_name.clone()),
-                    )
-                    .await?;
+                    self.update(&OPPORTUNITIES, &id, &[("name", new_name.clone().into())])
+                        .await?;
                     name = new_name;
                 }
                 if let Some(change) = changes.iter().find(|c| c.field == "amount") {
                     let amount = json_text(change.new.get("amount"));
                     let currency = json_text(change.new.get("currency"));
-                    sqlx::query(&format!(
-                        "UPDATE {table} SET amount = $1, currency = $2 WHERE opportunity_id = $3"
-                    ))
-                    .bind(amount)
-                    .bind(currency)
-                    .bind(id.clone())
-                    .execute(&mut **self.tx)
+                    self.update(
+                        &OPPORTUNITIES,
+                        &id,
+                        &[("amount", amount.into()), ("currency", currency.into())],
+                    )
                     .await?;
                 }
                 (
@@ -1146,13 +1213,15 @@ impl Fold<'_> {
                 occurred_at,
                 ..
             } => {
-                sqlx::query(&format!(
-                    "UPDATE {table} SET status = 'won', close_amount = $1, close_currency = $2 WHERE opportunity_id = $3"
-                ))
-                .bind(close_value.amount().to_string())
-                .bind(close_value.currency().as_str())
-                .bind(id.clone())
-                .execute(&mut **self.tx)
+                self.update(
+                    &OPPORTUNITIES,
+                    &id,
+                    &[
+                        ("status", "won".into()),
+                        ("close_amount", close_value.amount().to_string().into()),
+                        ("close_currency", close_value.currency().as_str().into()),
+                    ],
+                )
                 .await?;
                 (
                     occurred_at,
@@ -1165,14 +1234,8 @@ impl Fold<'_> {
                 occurred_at,
                 ..
             } => {
-                self.set(
-                    "opportunities",
-                    "opportunity_id",
-                    &id,
-                    "status",
-                    Some("lost".into()),
-                )
-                .await?;
+                self.update(&OPPORTUNITIES, &id, &[("status", "lost".into())])
+                    .await?;
                 let summary = match competitor {
                     Some(c) => format!("Opportunity {name} lost to {c}: {reason}"),
                     None => format!("Opportunity {name} lost: {reason}"),
@@ -1182,11 +1245,15 @@ impl Fold<'_> {
             OpportunityEvent::OpportunityReopened {
                 to, occurred_at, ..
             } => {
-                sqlx::query(&format!(
-                    "UPDATE {table} SET status = 'open', close_amount = NULL, close_currency = NULL WHERE opportunity_id = $1"
-                ))
-                .bind(id.clone())
-                .execute(&mut **self.tx)
+                self.update(
+                    &OPPORTUNITIES,
+                    &id,
+                    &[
+                        ("status", "open".into()),
+                        ("close_amount", Cell::Null),
+                        ("close_currency", Cell::Null),
+                    ],
+                )
                 .await?;
                 (occurred_at, format!("Opportunity {name} reopened in {to}"))
             }
@@ -1211,31 +1278,27 @@ impl Fold<'_> {
             let contact_id = contact_id.map(|c| c.to_string());
             let account_id = match (account_id, &contact_id) {
                 (Some(a), _) => Some(a.to_string()),
-                (None, Some(c)) => {
-                    self.column("contacts", "contact_id", c, "account_id")
-                        .await?
-                }
+                (None, Some(c)) => self.column(&CONTACTS, c, "account_id").await?,
                 (None, None) => None,
             };
-            let mut b = Binds::default();
-            let sql = format!(
-                "INSERT INTO {} (case_id, account_id, contact_id, subject, status) VALUES ({}, {}, {}, {}, 'open')
-                 ON CONFLICT (case_id) DO UPDATE SET account_id = EXCLUDED.account_id,
-                    contact_id = EXCLUDED.contact_id, subject = EXCLUDED.subject, status = 'open'",
-                self.t.t("cases"),
-                b.text(id.clone()),
-                account_id.map_or("NULL".into(), |a| b.text(a)),
-                contact_id.map_or("NULL".into(), |c| b.text(c)),
-                b.text(subject.clone()),
-            );
-            self.exec(&sql, b).await?;
+            self.upsert(
+                &CASES,
+                &id,
+                &[
+                    ("account_id", account_id.into()),
+                    ("contact_id", contact_id.into()),
+                    ("subject", subject.clone().into()),
+                    ("status", "open".into()),
+                ],
+            )
+            .await?;
         }
-        let Some(row) = self.row("cases", "case_id", &id).await? else {
+        let Some(row) = self.row(&CASES, &id).await? else {
             return Ok(None);
         };
-        let account_id: Option<String> = row.try_get("account_id")?;
-        let contact_id: Option<String> = row.try_get("contact_id")?;
-        let subject: String = row.try_get("subject")?;
+        let account_id = row.text("account_id");
+        let contact_id = row.text("contact_id");
+        let subject = row.text("subject").unwrap_or_default();
         let status = |s: &str| Some(s.to_string());
         let (at, new_status, summary) = match event {
             CaseEvent::CaseOpened {
@@ -1250,8 +1313,8 @@ impl Fold<'_> {
             CaseEvent::CaseAssigned {
                 to, occurred_at, ..
             } => {
-                let s = match row.try_get::<String, _>("status")?.as_str() {
-                    "open" => status("assigned"),
+                let s = match row.text("status").as_deref() {
+                    Some("open") => status("assigned"),
                     _ => None,
                 };
                 (occurred_at, s, format!("Case {subject} assigned to {to}"))
@@ -1303,7 +1366,7 @@ impl Fold<'_> {
             ),
         };
         if let Some(new_status) = new_status {
-            self.set("cases", "case_id", &id, "status", Some(new_status))
+            self.update(&CASES, &id, &[("status", new_status.into())])
                 .await?;
         }
         let mut entry = self.entry("case", account_id, contact_id, &at, summary);

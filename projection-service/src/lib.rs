@@ -8,13 +8,15 @@
 //! - [`runner`]: one process following the log in order (`crm serve`)
 //! - [`worker`]: distributed workers (`crm projection-service`): units per
 //!   [`partition`], owned through [`lease`]s, fed by JetStream ([`bus`])
-//! - read models: one module each (pipeline, history, audit, records, service levels)
+//! - read models: one module each (pipeline, history, audit, records, service levels);
+//!   [`lookups`]: a batch's lookup rows held in memory and written back at its end
 
 pub mod audit;
 pub mod bus;
 pub mod fold;
 pub mod history;
 pub mod lease;
+pub mod lookups;
 pub mod money;
 pub mod partition;
 pub mod pipeline;
