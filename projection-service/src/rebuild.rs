@@ -64,7 +64,13 @@ pub async fn rebuild_in_batches(
 ) -> Result<i64, RebuildError> {
     let batch = batch.max(1);
     registry::ensure(db).await?;
-    let generation = registry::create_generation(db, projection, registry::BUILDING).await?;
+    let generation = registry::create_generation(
+        db,
+        projection,
+        registry::BUILDING,
+        registry::Indexes::AfterLoading,
+    )
+    .await?;
     let tables = generation.tables();
     let mut position = 0;
     let (mut head, mut events) = read_ahead(log.clone(), position, batch).await?;
@@ -103,6 +109,7 @@ pub async fn rebuild_in_batches(
         }
         (head, events) = next.await??;
     }
+    registry::create_indexes(db, projection, &generation).await?;
     // The live runner continues from this generation's checkpoint after the switch.
     registry::activate(db, projection.name(), generation.generation).await?;
     Ok(generation.generation)

@@ -127,11 +127,23 @@ pub async fn is_serving(db: &ReadDb, generation: &Generation) -> Result<bool, sq
         .is_some_and(|active| active.generation == generation.generation))
 }
 
+/// When a new generation's secondary indexes are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Indexes {
+    /// With its tables.
+    Now,
+    /// By [`create_indexes`] once its rows are loaded (a rebuild): building
+    /// an index over the loaded rows once is cheaper than keeping it up to
+    /// date row by row.
+    AfterLoading,
+}
+
 /// Starts a new generation in `state` with its tables, numbered after every earlier one.
 pub async fn create_generation(
     db: &ReadDb,
     projection: &dyn Projection,
     state: &str,
+    indexes: Indexes,
 ) -> Result<Generation, sqlx::Error> {
     let mut tx = db.begin_write().await?;
     let next: i64 = sqlx::query(
@@ -165,10 +177,37 @@ pub async fn create_generation(
     .execute(&mut *tx)
     .await?;
     for statement in projection.schema(&generation.tables()) {
+        if indexes == Indexes::AfterLoading && is_secondary_index(&statement) {
+            continue;
+        }
         sqlx::query(&statement).execute(&mut *tx).await?;
     }
     tx.commit().await?;
     Ok(generation)
+}
+
+/// Makes the secondary indexes of a generation created with
+/// [`Indexes::AfterLoading`] (idempotent: `IF NOT EXISTS` DDL).
+pub async fn create_indexes(
+    db: &ReadDb,
+    projection: &dyn Projection,
+    generation: &Generation,
+) -> Result<(), sqlx::Error> {
+    let mut tx = db.begin_write().await?;
+    for statement in projection.schema(&generation.tables()) {
+        if is_secondary_index(&statement) {
+            sqlx::query(&statement).execute(&mut *tx).await?;
+        }
+    }
+    tx.commit().await
+}
+
+/// A plain `CREATE INDEX`: a lookup path, no constraint. Unique indexes stay
+/// with the tables, since folds rely on them (`ON CONFLICT`).
+fn is_secondary_index(statement: &str) -> bool {
+    let words: Vec<&str> = statement.split_whitespace().take(2).collect();
+    matches!(words.as_slice(), [create, index]
+        if create.eq_ignore_ascii_case("CREATE") && index.eq_ignore_ascii_case("INDEX"))
 }
 
 /// Makes `generation` the serving one and retires the previous, atomically.
@@ -259,4 +298,19 @@ pub async fn collect_garbage(
         crate::partition::forget(db, &generation.name, generation.generation).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_secondary_index;
+
+    #[test]
+    fn only_plain_create_index_waits_for_the_rows() {
+        assert!(is_secondary_index(
+            "CREATE INDEX IF NOT EXISTS a_ix ON a (b)"
+        ));
+        assert!(is_secondary_index("\n    create index a_ix ON a (b)"));
+        assert!(!is_secondary_index("CREATE UNIQUE INDEX a_ix ON a (b)"));
+        assert!(!is_secondary_index("CREATE TABLE IF NOT EXISTS a (b TEXT)"));
+    }
 }

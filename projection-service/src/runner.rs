@@ -260,9 +260,13 @@ pub async fn install(
         };
         let rebuild_reason = match (&active, folding, split) {
             (None, _, _) => {
-                let generation =
-                    registry::create_generation(db, projection.as_ref(), registry::BUILDING)
-                        .await?;
+                let generation = registry::create_generation(
+                    db,
+                    projection.as_ref(),
+                    registry::BUILDING,
+                    registry::Indexes::Now,
+                )
+                .await?;
                 registry::activate(db, projection.name(), generation.generation).await?;
                 None
             }

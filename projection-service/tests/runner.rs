@@ -8,7 +8,7 @@ use std::time::Duration;
 use crm_eventlog::testing::PgTestDb;
 use crm_eventlog::{AppendBatch, EventLog, ExpectedVersion, NewEvent, RecordedEvent, StreamAppend};
 use crm_projection_service::projection::{Projection, ProjectionError, Tables, Tx};
-use crm_projection_service::readdb::ReadDb;
+use crm_projection_service::readdb::{ReadBackend, ReadDb};
 use crm_projection_service::registry;
 use crm_projection_service::runner::{Runner, RunnerSettings};
 use serde_json::json;
@@ -29,10 +29,17 @@ impl Projection for Tally {
         1
     }
     fn schema(&self, tables: &Tables) -> Vec<String> {
-        vec![format!(
-            "CREATE TABLE IF NOT EXISTS {} (position BIGINT PRIMARY KEY, stream_id TEXT NOT NULL)",
-            tables.t("seen")
-        )]
+        vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (position BIGINT PRIMARY KEY, stream_id TEXT NOT NULL)",
+                tables.t("seen")
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {} (stream_id)",
+                tables.t("seen_stream_ix"),
+                tables.t("seen")
+            ),
+        ]
     }
     fn table_names(&self) -> Vec<&'static str> {
         vec!["seen"]
@@ -92,6 +99,20 @@ async fn seen(db: &ReadDb, tables: &Tables) -> Vec<i64> {
     .iter()
     .map(|row| row.get::<i64, _>("position"))
     .collect()
+}
+
+/// Whether the read-model database has an index of that name.
+async fn index_exists(db: &ReadDb, name: &str) -> bool {
+    let sql = match db.backend {
+        ReadBackend::Sqlite => "SELECT 1 AS found FROM sqlite_master WHERE type = 'index' AND name = $1",
+        ReadBackend::Postgres => "SELECT 1 AS found FROM pg_indexes WHERE indexname = $1",
+    };
+    sqlx::query(sql)
+        .bind(name.to_string())
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+        .is_some()
 }
 
 async fn wait_for_checkpoint(db: &ReadDb, name: &str, position: i64) -> registry::Generation {
@@ -173,6 +194,9 @@ async fn scenario(log: EventLog, db: ReadDb) {
     assert_eq!(rebuilt.generation, generation);
     assert!(generation > tally.generation);
     assert_eq!(seen(&db, &rebuilt.tables()).await, all);
+    // Its secondary indexes are made after the rows are loaded, before the switch.
+    assert!(index_exists(&db, &tally.tables().t("seen_stream_ix")).await);
+    assert!(index_exists(&db, &rebuilt.tables().t("seen_stream_ix")).await);
     // In batches smaller than the log: each batch folds while the next is read.
     let mut reported = Vec::new();
     let in_batches = crm_projection_service::rebuild::rebuild_in_batches(
@@ -290,9 +314,10 @@ async fn a_stale_checkpoint_commits_nothing() {
         refuse_poison: false,
     };
     registry::ensure(&db).await.unwrap();
-    let generation = registry::create_generation(&db, &tally, registry::ACTIVE)
-        .await
-        .unwrap();
+    let generation =
+        registry::create_generation(&db, &tally, registry::ACTIVE, registry::Indexes::Now)
+            .await
+            .unwrap();
     let tables = generation.tables();
     let advance = |part, from, to| Advance {
         name: "tally",
