@@ -116,16 +116,18 @@ fn main() -> anyhow::Result<()> {
 /// glibc gives threads that allocate at once arenas of their own, up to 8 per
 /// CPU, and memory freed in one arena serves only that arena: with the tokio
 /// workers, the blocking pool and a thread per SQLite connection, RSS grew
-/// with the number of arenas, not with the data. One arena per CPU measured
-/// 76 instead of 91 MiB peak on a 100,000-event embedded run (bench/README.md).
-/// `MALLOC_ARENA_MAX`, when set, is glibc's own and wins.
+/// with the number of arenas, not with the data. Two per CPU: on 2 CPUs,
+/// 20,000-event embedded runs (bench/README.md) peaked at 65-67 MiB after the
+/// restart against 81-82 with glibc's 16, at the same commands/s; one per CPU
+/// saved more (60-73 MiB) but cost about an eighth of the commands/s (malloc
+/// lock contention). `MALLOC_ARENA_MAX`, when set, is glibc's own and wins.
 #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc")))]
 fn limit_malloc_arenas() {
     if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
         return;
     }
     let cpus = std::thread::available_parallelism().map_or(2, |cpus| cpus.get());
-    let arenas = libc::c_int::try_from(cpus).unwrap_or(libc::c_int::MAX);
+    let arenas = libc::c_int::try_from(2 * cpus).unwrap_or(libc::c_int::MAX);
     // SAFETY: mallopt only sets an allocator parameter, and runs before any
     // other thread exists.
     unsafe {
