@@ -29,7 +29,11 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use crate::projection::{decode, Projection, ProjectionError, Tables, Tx};
+use crate::lookups::{Cell, Kind, Lookups, Table};
+use crate::projection::{
+    apply_as_batch, decode, values_placeholders, BatchError, Placeholders, Projection,
+    ProjectionError, Tables, Tx,
+};
 use crate::readdb::{timestamp, ReadDb};
 
 /// Base name of the current-state table (one row per opportunity).
@@ -130,216 +134,111 @@ impl Projection for PipelineProjection {
         tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<(), ProjectionError> {
-        if event.stream_type != "opportunity" {
-            return Ok(());
+        apply_as_batch(self, tx, tables, event).await
+    }
+
+    /// The batch's opportunities are held in memory and its stage visits and
+    /// close records collected, then all written in a few multi-row statements.
+    async fn apply_batch(
+        &self,
+        tx: &mut Tx,
+        tables: &Tables,
+        events: &[RecordedEvent],
+    ) -> Result<(), BatchError> {
+        let mut fold = BatchFold::new(tables, Placeholders::of(tx));
+        let ids = events
+            .iter()
+            .filter(|event| event.stream_type == "opportunity")
+            .map(|event| event.stream_id.clone());
+        fold.lookups
+            .read_ahead(tx, &OPPORTUNITY_ROWS, ids)
+            .await
+            .map_err(BatchError::whole_batch)?;
+        for (index, event) in events.iter().enumerate() {
+            if event.stream_type != "opportunity" {
+                continue;
+            }
+            let decoded: OpportunityEvent = decode(event).map_err(BatchError::at(index))?;
+            fold.apply(tx, event, decoded)
+                .await
+                .map_err(BatchError::at(index))?;
         }
-        let decoded: OpportunityEvent = decode(event)?;
-        apply_event(tx, tables, event, decoded).await
+        fold.write(tx).await.map_err(BatchError::whole_batch)
     }
 }
 
-async fn apply_event(
-    tx: &mut Tx,
-    tables: &Tables,
-    event: &RecordedEvent,
-    decoded: OpportunityEvent,
-) -> Result<(), ProjectionError> {
-    let o = tables.t(OPPORTUNITIES);
-    let id = event.stream_id.clone();
-    let updated_at = timestamp(&event.recorded_at);
-    use OpportunityEvent::*;
-    match decoded {
-        OpportunityOpened {
-            opportunity_id: _,
-            account_id,
-            name,
-            amount,
-            expected_close,
-            owner,
-            pipeline,
-            stage,
-            probability,
-            occurred_at,
-        } => {
-            let at = timestamp(&occurred_at);
-            sqlx::query(&format!(
-                "INSERT INTO {o} (id, account_id, name, owner, pipeline, stage, status, amount, currency,
-                    probability, expected_close, opened_at, stage_entered_at, version, position, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $8, $9, $10, $11, $12, $13, $14, $15)
-                 ON CONFLICT (id) DO UPDATE SET account_id = EXCLUDED.account_id, name = EXCLUDED.name,
-                    owner = EXCLUDED.owner, pipeline = EXCLUDED.pipeline, stage = EXCLUDED.stage,
-                    status = 'open', amount = EXCLUDED.amount, currency = EXCLUDED.currency,
-                    probability = EXCLUDED.probability, expected_close = EXCLUDED.expected_close,
-                    opened_at = EXCLUDED.opened_at, stage_entered_at = EXCLUDED.stage_entered_at,
-                    version = EXCLUDED.version, position = EXCLUDED.position, updated_at = EXCLUDED.updated_at"
-            ))
-            .bind(id.clone())
-            .bind(account_id.to_string())
-            .bind(name)
-            .bind(owner)
-            .bind(pipeline)
-            .bind(stage.clone())
-            .bind(amount.amount().to_string())
-            .bind(amount.currency().as_str().to_string())
-            .bind(i64::from(probability))
-            .bind(expected_close.to_string())
-            .bind(at.clone())
-            .bind(at.clone())
-            .bind(event.version)
-            .bind(event.position)
-            .bind(updated_at)
-            .execute(&mut **tx)
-            .await?;
-            enter_stage(tx, tables, &id, event.version, &stage, &at).await?;
-        }
-        OpportunityStageAdvanced {
-            to,
-            probability,
-            occurred_at,
-            ..
-        } => {
-            let at = timestamp(&occurred_at);
-            sqlx::query(&format!(
-                "UPDATE {o} SET stage = $1, probability = $2, stage_entered_at = $3, version = $4,
-                    position = $5, updated_at = $6 WHERE id = $7"
-            ))
-            .bind(to.clone())
-            .bind(i64::from(probability))
-            .bind(at.clone())
-            .bind(event.version)
-            .bind(event.position)
-            .bind(updated_at)
-            .bind(id.clone())
-            .execute(&mut **tx)
-            .await?;
-            leave_stage(tx, tables, &id, &at).await?;
-            enter_stage(tx, tables, &id, event.version, &to, &at).await?;
-        }
-        OpportunityUpdated { changes, .. } => {
-            for change in changes {
-                // Unknown fields and undecodable values leave the row as it is.
-                let column_values: Vec<(&str, String)> = match change.field.as_str() {
-                    "amount" => match change.new_as::<Money>() {
-                        Some(m) => vec![
-                            ("amount", m.amount().to_string()),
-                            ("currency", m.currency().as_str().to_string()),
-                        ],
-                        None => continue,
-                    },
-                    "expected_close" => match change.new_as::<NaiveDate>() {
-                        Some(d) => vec![("expected_close", d.to_string())],
-                        None => continue,
-                    },
-                    "owner" | "name" => match change.new_as::<String>() {
-                        Some(v) if change.field == "owner" => vec![("owner", v)],
-                        Some(v) => vec![("name", v)],
-                        None => continue,
-                    },
-                    _ => continue,
-                };
-                let sets: Vec<String> = column_values
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (c, _))| format!("{c} = ${}", i + 1))
-                    .collect();
-                let n = column_values.len();
-                let sql = format!("UPDATE {o} SET {} WHERE id = ${}", sets.join(", "), n + 1);
-                let mut q = sqlx::query(&sql);
-                for (_, v) in column_values {
-                    q = q.bind(v);
-                }
-                q.bind(id.clone()).execute(&mut **tx).await?;
-            }
-            touch(tx, tables, &id, event, &updated_at).await?;
-        }
-        OpportunityWon {
-            from,
-            to,
-            probability,
-            close_value,
-            occurred_at,
-        } => {
-            let close = Some((
-                close_value.amount().to_string(),
-                close_value.currency().as_str().to_string(),
-            ));
-            close_opportunity(
-                tx,
-                tables,
-                event,
-                CloseArgs {
-                    outcome: "won",
-                    from,
-                    to,
-                    probability,
-                    close,
-                    lost_reason: None,
-                    competitor: None,
-                    at: timestamp(&occurred_at),
-                },
-            )
-            .await?;
-        }
-        OpportunityLost {
-            from,
-            to,
-            probability,
-            reason,
-            competitor,
-            occurred_at,
-        } => {
-            close_opportunity(
-                tx,
-                tables,
-                event,
-                CloseArgs {
-                    outcome: "lost",
-                    from,
-                    to,
-                    probability,
-                    close: None,
-                    lost_reason: Some(reason),
-                    competitor,
-                    at: timestamp(&occurred_at),
-                },
-            )
-            .await?;
-        }
-        OpportunityReopened {
-            to,
-            probability,
-            occurred_at,
-            ..
-        } => {
-            let at = timestamp(&occurred_at);
-            sqlx::query(&format!(
-                "UPDATE {o} SET status = 'open', stage = $1, probability = $2, stage_entered_at = $3,
-                    closed_at = NULL, close_amount = NULL, close_currency = NULL,
-                    stage_before_close = NULL, lost_reason = NULL, competitor = NULL,
-                    version = $4, position = $5, updated_at = $6 WHERE id = $7"
-            ))
-            .bind(to.clone())
-            .bind(i64::from(probability))
-            .bind(at.clone())
-            .bind(event.version)
-            .bind(event.position)
-            .bind(updated_at)
-            .bind(id.clone())
-            .execute(&mut **tx)
-            .await?;
-            sqlx::query(&format!(
-                "UPDATE {} SET reopened_at = $1 WHERE opportunity_id = $2 AND reopened_at IS NULL",
-                tables.t(CLOSES)
-            ))
-            .bind(at.clone())
-            .bind(id.clone())
-            .execute(&mut **tx)
-            .await?;
-            leave_stage(tx, tables, &id, &at).await?;
-            enter_stage(tx, tables, &id, event.version, &to, &at).await?;
-        }
-    }
-    Ok(())
+/// The opportunities table as the fold holds its rows.
+static OPPORTUNITY_ROWS: Table = Table {
+    base: OPPORTUNITIES,
+    columns: &[
+        ("id", Kind::Text),
+        ("account_id", Kind::Text),
+        ("name", Kind::Text),
+        ("owner", Kind::Text),
+        ("pipeline", Kind::Text),
+        ("stage", Kind::Text),
+        ("status", Kind::Text),
+        ("amount", Kind::Text),
+        ("currency", Kind::Text),
+        ("probability", Kind::Int),
+        ("expected_close", Kind::Text),
+        ("opened_at", Kind::Text),
+        ("stage_entered_at", Kind::Text),
+        ("closed_at", Kind::Text),
+        ("close_amount", Kind::Text),
+        ("close_currency", Kind::Text),
+        ("stage_before_close", Kind::Text),
+        ("lost_reason", Kind::Text),
+        ("competitor", Kind::Text),
+        ("version", Kind::Int),
+        ("position", Kind::Int),
+        ("updated_at", Kind::Text),
+    ],
+};
+
+/// A stage visit the batch entered.
+struct NewVisit {
+    opportunity_id: String,
+    seq: i64,
+    stage: String,
+    entered_at: String,
+    left_at: Option<String>,
+}
+
+/// A close record the batch made.
+struct Close {
+    opportunity_id: String,
+    seq: i64,
+    outcome: &'static str,
+    owner: String,
+    pipeline: String,
+    stage_before_close: String,
+    opened_at: String,
+    closed_at: String,
+    close_amount: Option<String>,
+    close_currency: Option<String>,
+    reopened_at: Option<String>,
+}
+
+/// Stage visits and close records per multi-row insert.
+const ROWS_PER_INSERT: usize = 50;
+/// Opportunities per statement closing the stored open visits or closes.
+const IDS_PER_UPDATE: usize = 200;
+
+/// One batch being folded: its opportunities, the visits and closes it adds,
+/// and which stored visits and closes it ends. A visit or close stored before
+/// the batch can only be open when the batch starts, so the first event
+/// ending one is the one that ends it; later ones end those of the batch.
+struct BatchFold {
+    lookups: Lookups,
+    tables: Tables,
+    style: Placeholders,
+    visits: Vec<NewVisit>,
+    closes: Vec<Close>,
+    /// Opportunity -> when the batch first left its stored open visit.
+    left: BTreeMap<String, String>,
+    /// Opportunity -> when the batch first reopened its stored closes.
+    reopened: BTreeMap<String, String>,
 }
 
 struct CloseArgs {
@@ -353,130 +252,387 @@ struct CloseArgs {
     at: String,
 }
 
-async fn close_opportunity(
-    tx: &mut Tx,
-    tables: &Tables,
-    event: &RecordedEvent,
-    args: CloseArgs,
-) -> Result<(), ProjectionError> {
-    let o = tables.t(OPPORTUNITIES);
-    let id = event.stream_id.clone();
-    let row = sqlx::query(&format!(
-        "SELECT owner, pipeline, opened_at FROM {o} WHERE id = $1"
-    ))
-    .bind(id.clone())
-    .fetch_optional(&mut **tx)
-    .await?
-    .ok_or_else(|| {
-        ProjectionError::Invalid(format!(
-            "opportunity {id} closed at version {} but never opened",
-            event.version
-        ))
-    })?;
-    let owner: String = row.try_get("owner")?;
-    let pipeline: String = row.try_get("pipeline")?;
-    let opened_at: String = row.try_get("opened_at")?;
-    let (close_amount, close_currency) = match args.close {
-        Some((a, c)) => (Some(a), Some(c)),
-        None => (None, None),
-    };
-    sqlx::query(&format!(
-        "UPDATE {o} SET status = $1, stage = $2, probability = $3, stage_entered_at = $4, closed_at = $5,
-            close_amount = $6, close_currency = $7, stage_before_close = $8, lost_reason = $9,
-            competitor = $10, version = $11, position = $12, updated_at = $13 WHERE id = $14"
-    ))
-    .bind(args.outcome.to_string())
-    .bind(args.to.clone())
-    .bind(i64::from(args.probability))
-    .bind(args.at.clone())
-    .bind(args.at.clone())
-    .bind(close_amount.clone())
-    .bind(close_currency.clone())
-    .bind(args.from.clone())
-    .bind(args.lost_reason)
-    .bind(args.competitor)
-    .bind(event.version)
-    .bind(event.position)
-    .bind(timestamp(&event.recorded_at))
-    .bind(id.clone())
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query(&format!(
-        "INSERT INTO {} (opportunity_id, seq, outcome, owner, pipeline, stage_before_close, opened_at,
-            closed_at, close_amount, close_currency)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-         ON CONFLICT (opportunity_id, seq) DO NOTHING",
-        tables.t(CLOSES)
-    ))
-    .bind(id.clone())
-    .bind(event.version)
-    .bind(args.outcome.to_string())
-    .bind(owner)
-    .bind(pipeline)
-    .bind(args.from)
-    .bind(opened_at)
-    .bind(args.at.clone())
-    .bind(close_amount)
-    .bind(close_currency)
-    .execute(&mut **tx)
-    .await?;
-    leave_stage(tx, tables, &id, &args.at).await?;
-    enter_stage(tx, tables, &id, event.version, &args.to, &args.at).await?;
-    Ok(())
-}
+impl BatchFold {
+    fn new(tables: &Tables, style: Placeholders) -> Self {
+        Self {
+            lookups: Lookups::new(tables, style),
+            tables: tables.clone(),
+            style,
+            visits: Vec::new(),
+            closes: Vec::new(),
+            left: BTreeMap::new(),
+            reopened: BTreeMap::new(),
+        }
+    }
 
-async fn touch(
-    tx: &mut Tx,
-    tables: &Tables,
-    id: &str,
-    event: &RecordedEvent,
-    updated_at: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!(
-        "UPDATE {} SET version = $1, position = $2, updated_at = $3 WHERE id = $4",
-        tables.t(OPPORTUNITIES)
-    ))
-    .bind(event.version)
-    .bind(event.position)
-    .bind(updated_at.to_string())
-    .bind(id.to_string())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
+    async fn update(
+        &mut self,
+        tx: &mut Tx,
+        id: &str,
+        cells: &[(&str, Cell)],
+    ) -> Result<(), sqlx::Error> {
+        self.lookups.update(tx, &OPPORTUNITY_ROWS, id, cells).await
+    }
 
-async fn leave_stage(tx: &mut Tx, tables: &Tables, id: &str, at: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!(
-        "UPDATE {} SET left_at = $1 WHERE opportunity_id = $2 AND left_at IS NULL",
-        tables.t(STAGE_HISTORY)
-    ))
-    .bind(at.to_string())
-    .bind(id.to_string())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
+    async fn apply(
+        &mut self,
+        tx: &mut Tx,
+        event: &RecordedEvent,
+        decoded: OpportunityEvent,
+    ) -> Result<(), ProjectionError> {
+        let id = event.stream_id.clone();
+        let updated_at = timestamp(&event.recorded_at);
+        let stamp = |cells: &mut Vec<(&str, Cell)>| {
+            cells.push(("version", event.version.into()));
+            cells.push(("position", event.position.into()));
+            cells.push(("updated_at", updated_at.clone().into()));
+        };
+        use OpportunityEvent::*;
+        match decoded {
+            OpportunityOpened {
+                opportunity_id: _,
+                account_id,
+                name,
+                amount,
+                expected_close,
+                owner,
+                pipeline,
+                stage,
+                probability,
+                occurred_at,
+            } => {
+                let at = timestamp(&occurred_at);
+                let mut cells: Vec<(&str, Cell)> = vec![
+                    ("account_id", account_id.to_string().into()),
+                    ("name", name.into()),
+                    ("owner", owner.into()),
+                    ("pipeline", pipeline.into()),
+                    ("stage", stage.clone().into()),
+                    ("status", "open".into()),
+                    ("amount", amount.amount().to_string().into()),
+                    ("currency", amount.currency().as_str().into()),
+                    ("probability", i64::from(probability).into()),
+                    ("expected_close", expected_close.to_string().into()),
+                    ("opened_at", at.clone().into()),
+                    ("stage_entered_at", at.clone().into()),
+                ];
+                stamp(&mut cells);
+                self.lookups
+                    .upsert(tx, &OPPORTUNITY_ROWS, &id, &cells)
+                    .await?;
+                self.enter_stage(&id, event.version, &stage, &at);
+            }
+            OpportunityStageAdvanced {
+                to,
+                probability,
+                occurred_at,
+                ..
+            } => {
+                let at = timestamp(&occurred_at);
+                let mut cells: Vec<(&str, Cell)> = vec![
+                    ("stage", to.clone().into()),
+                    ("probability", i64::from(probability).into()),
+                    ("stage_entered_at", at.clone().into()),
+                ];
+                stamp(&mut cells);
+                self.update(tx, &id, &cells).await?;
+                self.leave_stage(&id, &at);
+                self.enter_stage(&id, event.version, &to, &at);
+            }
+            OpportunityUpdated { changes, .. } => {
+                let mut cells: Vec<(&str, Cell)> = Vec::new();
+                for change in changes {
+                    // Unknown fields and undecodable values leave the row as it is.
+                    match change.field.as_str() {
+                        "amount" => {
+                            if let Some(m) = change.new_as::<Money>() {
+                                cells.push(("amount", m.amount().to_string().into()));
+                                cells.push(("currency", m.currency().as_str().into()));
+                            }
+                        }
+                        "expected_close" => {
+                            if let Some(d) = change.new_as::<NaiveDate>() {
+                                cells.push(("expected_close", d.to_string().into()));
+                            }
+                        }
+                        "owner" => {
+                            if let Some(v) = change.new_as::<String>() {
+                                cells.push(("owner", v.into()));
+                            }
+                        }
+                        "name" => {
+                            if let Some(v) = change.new_as::<String>() {
+                                cells.push(("name", v.into()));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                stamp(&mut cells);
+                self.update(tx, &id, &cells).await?;
+            }
+            OpportunityWon {
+                from,
+                to,
+                probability,
+                close_value,
+                occurred_at,
+            } => {
+                let close = Some((
+                    close_value.amount().to_string(),
+                    close_value.currency().as_str().to_string(),
+                ));
+                let args = CloseArgs {
+                    outcome: "won",
+                    from,
+                    to,
+                    probability,
+                    close,
+                    lost_reason: None,
+                    competitor: None,
+                    at: timestamp(&occurred_at),
+                };
+                self.close_opportunity(tx, event, args).await?;
+            }
+            OpportunityLost {
+                from,
+                to,
+                probability,
+                reason,
+                competitor,
+                occurred_at,
+            } => {
+                let args = CloseArgs {
+                    outcome: "lost",
+                    from,
+                    to,
+                    probability,
+                    close: None,
+                    lost_reason: Some(reason),
+                    competitor,
+                    at: timestamp(&occurred_at),
+                };
+                self.close_opportunity(tx, event, args).await?;
+            }
+            OpportunityReopened {
+                to,
+                probability,
+                occurred_at,
+                ..
+            } => {
+                let at = timestamp(&occurred_at);
+                let mut cells: Vec<(&str, Cell)> = vec![
+                    ("status", "open".into()),
+                    ("stage", to.clone().into()),
+                    ("probability", i64::from(probability).into()),
+                    ("stage_entered_at", at.clone().into()),
+                    ("closed_at", Cell::Null),
+                    ("close_amount", Cell::Null),
+                    ("close_currency", Cell::Null),
+                    ("stage_before_close", Cell::Null),
+                    ("lost_reason", Cell::Null),
+                    ("competitor", Cell::Null),
+                ];
+                stamp(&mut cells);
+                self.update(tx, &id, &cells).await?;
+                for close in &mut self.closes {
+                    if close.opportunity_id == id && close.reopened_at.is_none() {
+                        close.reopened_at = Some(at.clone());
+                    }
+                }
+                self.reopened.entry(id.clone()).or_insert(at.clone());
+                self.leave_stage(&id, &at);
+                self.enter_stage(&id, event.version, &to, &at);
+            }
+        }
+        Ok(())
+    }
 
-async fn enter_stage(
-    tx: &mut Tx,
-    tables: &Tables,
-    id: &str,
-    seq: i64,
-    stage: &str,
-    at: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!(
-        "INSERT INTO {} (opportunity_id, seq, stage, entered_at) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (opportunity_id, seq) DO NOTHING",
-        tables.t(STAGE_HISTORY)
-    ))
-    .bind(id.to_string())
-    .bind(seq)
-    .bind(stage.to_string())
-    .bind(at.to_string())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    async fn close_opportunity(
+        &mut self,
+        tx: &mut Tx,
+        event: &RecordedEvent,
+        args: CloseArgs,
+    ) -> Result<(), ProjectionError> {
+        let id = event.stream_id.clone();
+        let row = self
+            .lookups
+            .get(tx, &OPPORTUNITY_ROWS, &id)
+            .await?
+            .ok_or_else(|| {
+                ProjectionError::Invalid(format!(
+                    "opportunity {id} closed at version {} but never opened",
+                    event.version
+                ))
+            })?;
+        let column = |name: &str| row.text(name).unwrap_or_default();
+        let (owner, pipeline, opened_at) =
+            (column("owner"), column("pipeline"), column("opened_at"));
+        let (close_amount, close_currency) = match args.close {
+            Some((a, c)) => (Some(a), Some(c)),
+            None => (None, None),
+        };
+        let cells: Vec<(&str, Cell)> = vec![
+            ("status", args.outcome.into()),
+            ("stage", args.to.clone().into()),
+            ("probability", i64::from(args.probability).into()),
+            ("stage_entered_at", args.at.clone().into()),
+            ("closed_at", args.at.clone().into()),
+            ("close_amount", close_amount.clone().into()),
+            ("close_currency", close_currency.clone().into()),
+            ("stage_before_close", args.from.clone().into()),
+            ("lost_reason", args.lost_reason.into()),
+            ("competitor", args.competitor.into()),
+            ("version", event.version.into()),
+            ("position", event.position.into()),
+            ("updated_at", timestamp(&event.recorded_at).into()),
+        ];
+        self.update(tx, &id, &cells).await?;
+        let known = self
+            .closes
+            .iter()
+            .any(|close| close.opportunity_id == id && close.seq == event.version);
+        if !known {
+            self.closes.push(Close {
+                opportunity_id: id.clone(),
+                seq: event.version,
+                outcome: args.outcome,
+                owner,
+                pipeline,
+                stage_before_close: args.from,
+                opened_at,
+                closed_at: args.at.clone(),
+                close_amount,
+                close_currency,
+                reopened_at: None,
+            });
+        }
+        self.leave_stage(&id, &args.at);
+        self.enter_stage(&id, event.version, &args.to, &args.at);
+        Ok(())
+    }
+
+    fn leave_stage(&mut self, id: &str, at: &str) {
+        for visit in &mut self.visits {
+            if visit.opportunity_id == id && visit.left_at.is_none() {
+                visit.left_at = Some(at.to_string());
+            }
+        }
+        self.left.entry(id.to_string()).or_insert(at.to_string());
+    }
+
+    fn enter_stage(&mut self, id: &str, seq: i64, stage: &str, at: &str) {
+        let known = self
+            .visits
+            .iter()
+            .any(|visit| visit.opportunity_id == id && visit.seq == seq);
+        if !known {
+            self.visits.push(NewVisit {
+                opportunity_id: id.to_string(),
+                seq,
+                stage: stage.to_string(),
+                entered_at: at.to_string(),
+                left_at: None,
+            });
+        }
+    }
+
+    /// `UPDATE <table> SET <column> = <when, per opportunity> WHERE <column>
+    /// IS NULL`: ends the stored open visits (or closes) the batch ended.
+    async fn end_stored(
+        &self,
+        tx: &mut Tx,
+        table: &str,
+        column: &str,
+        ended: &BTreeMap<String, String>,
+    ) -> Result<(), sqlx::Error> {
+        let ended: Vec<(&String, &String)> = ended.iter().collect();
+        for chunk in ended.chunks(IDS_PER_UPDATE) {
+            let mut n = 0;
+            let mut next = || {
+                n += 1;
+                match self.style {
+                    Placeholders::Numbered => format!("${n}"),
+                    Placeholders::InOrder => "?".to_string(),
+                }
+            };
+            let whens: Vec<String> = chunk
+                .iter()
+                .map(|_| format!("WHEN {} THEN {}", next(), next()))
+                .collect();
+            let ids: Vec<String> = chunk.iter().map(|_| next()).collect();
+            let sql = format!(
+                "UPDATE {} SET {column} = CASE opportunity_id {} END
+                 WHERE {column} IS NULL AND opportunity_id IN ({})",
+                self.tables.t(table),
+                whens.join(" "),
+                ids.join(", ")
+            );
+            let mut query = sqlx::query(&sql).persistent(false);
+            for (id, at) in chunk {
+                query = query.bind((*id).clone()).bind((*at).clone());
+            }
+            for (id, _) in chunk {
+                query = query.bind((*id).clone());
+            }
+            query.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the batch: stored visits and closes it ended first (the ones
+    /// it adds are not stored yet), then its opportunities, visits and closes.
+    async fn write(mut self, tx: &mut Tx) -> Result<(), sqlx::Error> {
+        self.end_stored(tx, STAGE_HISTORY, "left_at", &self.left)
+            .await?;
+        self.end_stored(tx, CLOSES, "reopened_at", &self.reopened)
+            .await?;
+        self.lookups.write_back(tx).await?;
+        for chunk in self.visits.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO {} (opportunity_id, seq, stage, entered_at, left_at) VALUES {}
+                 ON CONFLICT (opportunity_id, seq) DO NOTHING",
+                self.tables.t(STAGE_HISTORY),
+                values_placeholders(self.style, chunk.len(), 5)
+            );
+            let mut query = sqlx::query(&sql).persistent(false);
+            for visit in chunk {
+                query = query
+                    .bind(visit.opportunity_id.clone())
+                    .bind(visit.seq)
+                    .bind(visit.stage.clone())
+                    .bind(visit.entered_at.clone())
+                    .bind(visit.left_at.clone());
+            }
+            query.execute(&mut **tx).await?;
+        }
+        for chunk in self.closes.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO {} (opportunity_id, seq, outcome, owner, pipeline, stage_before_close,
+                    opened_at, closed_at, close_amount, close_currency, reopened_at) VALUES {}
+                 ON CONFLICT (opportunity_id, seq) DO NOTHING",
+                self.tables.t(CLOSES),
+                values_placeholders(self.style, chunk.len(), 11)
+            );
+            let mut query = sqlx::query(&sql).persistent(false);
+            for close in chunk {
+                query = query
+                    .bind(close.opportunity_id.clone())
+                    .bind(close.seq)
+                    .bind(close.outcome)
+                    .bind(close.owner.clone())
+                    .bind(close.pipeline.clone())
+                    .bind(close.stage_before_close.clone())
+                    .bind(close.opened_at.clone())
+                    .bind(close.closed_at.clone())
+                    .bind(close.close_amount.clone())
+                    .bind(close.close_currency.clone())
+                    .bind(close.reopened_at.clone());
+            }
+            query.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
 }
 
 pub use crate::money::MoneyView;

@@ -104,7 +104,9 @@ async fn seen(db: &ReadDb, tables: &Tables) -> Vec<i64> {
 /// Whether the read-model database has an index of that name.
 async fn index_exists(db: &ReadDb, name: &str) -> bool {
     let sql = match db.backend {
-        ReadBackend::Sqlite => "SELECT 1 AS found FROM sqlite_master WHERE type = 'index' AND name = $1",
+        ReadBackend::Sqlite => {
+            "SELECT 1 AS found FROM sqlite_master WHERE type = 'index' AND name = $1"
+        }
         ReadBackend::Postgres => "SELECT 1 AS found FROM pg_indexes WHERE indexname = $1",
     };
     sqlx::query(sql)
