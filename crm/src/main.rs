@@ -118,9 +118,9 @@ fn main() -> anyhow::Result<()> {
 /// workers, the blocking pool and a thread per SQLite connection, RSS grew
 /// with the number of arenas, not with the data. Two per CPU: on 2 CPUs,
 /// 20,000-event embedded runs (bench/README.md) peaked at 65-67 MiB after the
-/// restart against 81-82 with glibc's 16, at the same commands/s; one per CPU
-/// saved more (60-73 MiB) but cost about an eighth of the commands/s (malloc
-/// lock contention). `MALLOC_ARENA_MAX`, when set, is glibc's own and wins.
+/// restart against 81-82 with glibc's 16, commands/s within the runs' spread;
+/// one per CPU saved more (60-73 MiB) but cost about an eighth of the
+/// commands/s (malloc lock contention). `MALLOC_ARENA_MAX`, when set, is glibc's own and wins.
 #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc")))]
 fn limit_malloc_arenas() {
     if std::env::var_os("MALLOC_ARENA_MAX").is_some() {

@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 use sqlx::Row;
 
 use crate::projection::{
-    apply_as_batch, decode, values_placeholders, BatchError, Placeholders, Projection,
-    ProjectionError, Tables, Tx,
+    apply_as_batch, decode, insert_rows, AnyQuery, BatchError, Projection, ProjectionError, Tables,
+    Tx,
 };
 use crate::readdb::{timestamp, ReadDb};
 use crate::records::paging::{
@@ -459,38 +459,44 @@ impl Projection for AuditProjection {
             }
         }
         let whole_batch = BatchError::whole_batch;
-        for chunk in entries.chunks(ROWS_PER_INSERT) {
-            let sql = format!(
-                "INSERT INTO {} (position, event_id, recorded_at, occurred_at, actor, roles, command, command_id,
-                    stream_type, stream_id, version, event_type, correlation_id, causation_id, request_id, client, changes)
-                 VALUES {} ON CONFLICT (position) DO NOTHING",
-                tables.t("entries"),
-                values_placeholders(Placeholders::of(tx), chunk.len(), 17)
-            );
-            let mut query = sqlx::query(&sql).persistent(false);
-            for row in chunk {
-                query = row.bind(query);
-            }
-            query.execute(&mut **tx).await.map_err(whole_batch)?;
-        }
-        for chunk in changes.chunks(ROWS_PER_INSERT) {
-            let sql = format!(
-                "INSERT INTO {} (position, seq, field, old_value, new_value) VALUES {}
-                 ON CONFLICT (position, seq) DO NOTHING",
-                tables.t("changes"),
-                values_placeholders(Placeholders::of(tx), chunk.len(), 5)
-            );
-            let mut query = sqlx::query(&sql).persistent(false);
-            for (position, seq, change) in chunk {
-                query = query
+        let entries_into = format!(
+            "{} (position, event_id, recorded_at, occurred_at, actor, roles, command, command_id,
+                stream_type, stream_id, version, event_type, correlation_id, causation_id, request_id, client, changes)",
+            tables.t("entries")
+        );
+        insert_rows(
+            tx,
+            &entries_into,
+            "ON CONFLICT (position) DO NOTHING",
+            17,
+            ROWS_PER_INSERT,
+            &entries,
+            |query, row| row.bind(query),
+        )
+        .await
+        .map_err(whole_batch)?;
+        let changes_into = format!(
+            "{} (position, seq, field, old_value, new_value)",
+            tables.t("changes")
+        );
+        insert_rows(
+            tx,
+            &changes_into,
+            "ON CONFLICT (position, seq) DO NOTHING",
+            5,
+            ROWS_PER_INSERT,
+            &changes,
+            |query, (position, seq, change)| {
+                query
                     .bind(*position)
                     .bind(*seq)
                     .bind(change.field.clone())
                     .bind(change.old.to_string())
-                    .bind(change.new.to_string());
-            }
-            query.execute(&mut **tx).await.map_err(whole_batch)?;
-        }
+                    .bind(change.new.to_string())
+            },
+        )
+        .await
+        .map_err(whole_batch)?;
         Ok(())
     }
 }
@@ -498,8 +504,6 @@ impl Projection for AuditProjection {
 /// Rows per multi-row insert: well under SQLite's and PostgreSQL's bound
 /// parameter limits (17 columns x 50 = 850).
 const ROWS_PER_INSERT: usize = 50;
-
-type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
 /// One audit entry, as its row.
 struct EntryRow {

@@ -23,8 +23,8 @@ use sqlx::Row as _;
 
 use crate::lookups::{self, Cell, Kind, Lookups, Table};
 use crate::projection::{
-    apply_as_batch, decode, values_placeholders, BatchError, Placeholders, Projection,
-    ProjectionError, Tables, Tx,
+    apply_as_batch, decode, insert_rows, BatchError, Placeholders, Projection, ProjectionError,
+    Tables, Tx,
 };
 use crate::readdb::{timestamp, ReadDb};
 use crate::records::paging::{decode_cursor, encode_cursor, json_text, page_limit, Binds};
@@ -573,17 +573,20 @@ impl Projection for HistoryProjection {
             .write_back(tx)
             .await
             .map_err(BatchError::whole_batch)?;
-        for chunk in entries.chunks(ENTRIES_PER_INSERT) {
-            let sql = format!(
-                "INSERT INTO {} (position, occurred_at, kind, event_type, stream_type, stream_id, account_id,
-                    contact_id, summary, actor, details)
-                 VALUES {} ON CONFLICT (position) DO NOTHING",
-                tables.t("entries"),
-                values_placeholders(Placeholders::of(tx), chunk.len(), 11)
-            );
-            let mut query = sqlx::query(&sql).persistent(false);
-            for (event, entry) in chunk {
-                query = query
+        let into = format!(
+            "{} (position, occurred_at, kind, event_type, stream_type, stream_id, account_id,
+                contact_id, summary, actor, details)",
+            tables.t("entries")
+        );
+        insert_rows(
+            tx,
+            &into,
+            "ON CONFLICT (position) DO NOTHING",
+            11,
+            ENTRIES_PER_INSERT,
+            &entries,
+            |query, (event, entry)| {
+                query
                     .bind(event.position)
                     .bind(entry.occurred_at.clone())
                     .bind(entry.kind)
@@ -594,13 +597,11 @@ impl Projection for HistoryProjection {
                     .bind(entry.contact_id.clone())
                     .bind(entry.summary.clone())
                     .bind(json_text(event.metadata.get("actor")))
-                    .bind(entry.details.to_string());
-            }
-            query
-                .execute(&mut **tx)
-                .await
-                .map_err(BatchError::whole_batch)?;
-        }
+                    .bind(entry.details.to_string())
+            },
+        )
+        .await
+        .map_err(BatchError::whole_batch)?;
         Ok(())
     }
 }

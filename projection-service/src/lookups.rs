@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use sqlx::Row as _;
 
-use crate::projection::{values_placeholders, Placeholders, Tables, Tx};
+use crate::projection::{insert_rows, values_placeholders, Placeholders, Tables, Tx};
 
 /// Type of a lookup column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,22 +274,23 @@ impl Lookups {
                 continue;
             };
             let width = table.columns.len();
-            for chunk in changed.chunks((PARAMS_PER_WRITE / width).max(1)) {
-                let columns: Vec<&str> = table.columns.iter().map(|(name, _)| *name).collect();
-                let updates: Vec<String> = columns[1..]
-                    .iter()
-                    .map(|column| format!("{column} = EXCLUDED.{column}"))
-                    .collect();
-                let sql = format!(
-                    "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) DO UPDATE SET {}",
-                    self.tables.t(table.base),
-                    columns.join(", "),
-                    values_placeholders(self.style, chunk.len(), width),
+            let columns: Vec<&str> = table.columns.iter().map(|(name, _)| *name).collect();
+            let updates: Vec<String> = columns[1..]
+                .iter()
+                .map(|column| format!("{column} = EXCLUDED.{column}"))
+                .collect();
+            insert_rows(
+                tx,
+                &format!("{} ({})", self.tables.t(table.base), columns.join(", ")),
+                &format!(
+                    "ON CONFLICT ({}) DO UPDATE SET {}",
                     table.key(),
                     updates.join(", ")
-                );
-                let mut query = sqlx::query(&sql).persistent(false);
-                for row in chunk {
+                ),
+                width,
+                PARAMS_PER_WRITE / width,
+                &changed,
+                |mut query, row| {
                     for (cell, (_, kind)) in row.cells.iter().zip(table.columns) {
                         query = match (cell, kind) {
                             (Cell::Text(text), _) => query.bind(text.clone()),
@@ -298,9 +299,10 @@ impl Lookups {
                             (Cell::Null, Kind::Int) => query.bind(None::<i64>),
                         };
                     }
-                }
-                query.execute(&mut **tx).await?;
-            }
+                    query
+                },
+            )
+            .await?;
         }
         Ok(())
     }

@@ -31,8 +31,8 @@ use sqlx::Row;
 
 use crate::lookups::{Cell, Kind, Lookups, Table};
 use crate::projection::{
-    apply_as_batch, decode, values_placeholders, BatchError, Placeholders, Projection,
-    ProjectionError, Tables, Tx,
+    apply_as_batch, decode, insert_rows, BatchError, Placeholders, Projection, ProjectionError,
+    Tables, Tx,
 };
 use crate::readdb::{timestamp, ReadDb};
 
@@ -198,7 +198,6 @@ static OPPORTUNITY_ROWS: Table = Table {
 
 /// A stage visit the batch entered.
 struct NewVisit {
-    opportunity_id: String,
     seq: i64,
     stage: String,
     entered_at: String,
@@ -207,7 +206,6 @@ struct NewVisit {
 
 /// A close record the batch made.
 struct Close {
-    opportunity_id: String,
     seq: i64,
     outcome: &'static str,
     owner: String,
@@ -233,8 +231,9 @@ struct BatchFold {
     lookups: Lookups,
     tables: Tables,
     style: Placeholders,
-    visits: Vec<NewVisit>,
-    closes: Vec<Close>,
+    /// Per opportunity, in the order entered / made.
+    visits: BTreeMap<String, Vec<NewVisit>>,
+    closes: BTreeMap<String, Vec<Close>>,
     /// Opportunity -> when the batch first left its stored open visit.
     left: BTreeMap<String, String>,
     /// Opportunity -> when the batch first reopened its stored closes.
@@ -258,8 +257,8 @@ impl BatchFold {
             lookups: Lookups::new(tables, style),
             tables: tables.clone(),
             style,
-            visits: Vec::new(),
-            closes: Vec::new(),
+            visits: BTreeMap::new(),
+            closes: BTreeMap::new(),
             left: BTreeMap::new(),
             reopened: BTreeMap::new(),
         }
@@ -435,8 +434,8 @@ impl BatchFold {
                 ];
                 stamp(&mut cells);
                 self.update(tx, &id, &cells).await?;
-                for close in &mut self.closes {
-                    if close.opportunity_id == id && close.reopened_at.is_none() {
+                for close in self.closes.entry(id.clone()).or_default() {
+                    if close.reopened_at.is_none() {
                         close.reopened_at = Some(at.clone());
                     }
                 }
@@ -488,13 +487,9 @@ impl BatchFold {
             ("updated_at", timestamp(&event.recorded_at).into()),
         ];
         self.update(tx, &id, &cells).await?;
-        let known = self
-            .closes
-            .iter()
-            .any(|close| close.opportunity_id == id && close.seq == event.version);
-        if !known {
-            self.closes.push(Close {
-                opportunity_id: id.clone(),
+        let closes = self.closes.entry(id.clone()).or_default();
+        if !closes.iter().any(|close| close.seq == event.version) {
+            closes.push(Close {
                 seq: event.version,
                 outcome: args.outcome,
                 owner,
@@ -513,8 +508,8 @@ impl BatchFold {
     }
 
     fn leave_stage(&mut self, id: &str, at: &str) {
-        for visit in &mut self.visits {
-            if visit.opportunity_id == id && visit.left_at.is_none() {
+        for visit in self.visits.entry(id.to_string()).or_default() {
+            if visit.left_at.is_none() {
                 visit.left_at = Some(at.to_string());
             }
         }
@@ -522,13 +517,9 @@ impl BatchFold {
     }
 
     fn enter_stage(&mut self, id: &str, seq: i64, stage: &str, at: &str) {
-        let known = self
-            .visits
-            .iter()
-            .any(|visit| visit.opportunity_id == id && visit.seq == seq);
-        if !known {
-            self.visits.push(NewVisit {
-                opportunity_id: id.to_string(),
+        let visits = self.visits.entry(id.to_string()).or_default();
+        if !visits.iter().any(|visit| visit.seq == seq) {
+            visits.push(NewVisit {
                 seq,
                 stage: stage.to_string(),
                 entered_at: at.to_string(),
@@ -588,36 +579,50 @@ impl BatchFold {
         self.end_stored(tx, CLOSES, "reopened_at", &self.reopened)
             .await?;
         self.lookups.write_back(tx).await?;
-        for chunk in self.visits.chunks(ROWS_PER_INSERT) {
-            let sql = format!(
-                "INSERT INTO {} (opportunity_id, seq, stage, entered_at, left_at) VALUES {}
-                 ON CONFLICT (opportunity_id, seq) DO NOTHING",
-                self.tables.t(STAGE_HISTORY),
-                values_placeholders(self.style, chunk.len(), 5)
-            );
-            let mut query = sqlx::query(&sql).persistent(false);
-            for visit in chunk {
-                query = query
-                    .bind(visit.opportunity_id.clone())
+        let visits: Vec<(&String, &NewVisit)> = self
+            .visits
+            .iter()
+            .flat_map(|(id, visits)| visits.iter().map(move |visit| (id, visit)))
+            .collect();
+        insert_rows(
+            tx,
+            &format!(
+                "{} (opportunity_id, seq, stage, entered_at, left_at)",
+                self.tables.t(STAGE_HISTORY)
+            ),
+            "ON CONFLICT (opportunity_id, seq) DO NOTHING",
+            5,
+            ROWS_PER_INSERT,
+            &visits,
+            |query, (id, visit)| {
+                query
+                    .bind((*id).clone())
                     .bind(visit.seq)
                     .bind(visit.stage.clone())
                     .bind(visit.entered_at.clone())
-                    .bind(visit.left_at.clone());
-            }
-            query.execute(&mut **tx).await?;
-        }
-        for chunk in self.closes.chunks(ROWS_PER_INSERT) {
-            let sql = format!(
-                "INSERT INTO {} (opportunity_id, seq, outcome, owner, pipeline, stage_before_close,
-                    opened_at, closed_at, close_amount, close_currency, reopened_at) VALUES {}
-                 ON CONFLICT (opportunity_id, seq) DO NOTHING",
-                self.tables.t(CLOSES),
-                values_placeholders(self.style, chunk.len(), 11)
-            );
-            let mut query = sqlx::query(&sql).persistent(false);
-            for close in chunk {
-                query = query
-                    .bind(close.opportunity_id.clone())
+                    .bind(visit.left_at.clone())
+            },
+        )
+        .await?;
+        let closes: Vec<(&String, &Close)> = self
+            .closes
+            .iter()
+            .flat_map(|(id, closes)| closes.iter().map(move |close| (id, close)))
+            .collect();
+        insert_rows(
+            tx,
+            &format!(
+                "{} (opportunity_id, seq, outcome, owner, pipeline, stage_before_close,
+                    opened_at, closed_at, close_amount, close_currency, reopened_at)",
+                self.tables.t(CLOSES)
+            ),
+            "ON CONFLICT (opportunity_id, seq) DO NOTHING",
+            11,
+            ROWS_PER_INSERT,
+            &closes,
+            |query, (id, close)| {
+                query
+                    .bind((*id).clone())
                     .bind(close.seq)
                     .bind(close.outcome)
                     .bind(close.owner.clone())
@@ -627,10 +632,10 @@ impl BatchFold {
                     .bind(close.closed_at.clone())
                     .bind(close.close_amount.clone())
                     .bind(close.close_currency.clone())
-                    .bind(close.reopened_at.clone());
-            }
-            query.execute(&mut **tx).await?;
-        }
+                    .bind(close.reopened_at.clone())
+            },
+        )
+        .await?;
         Ok(())
     }
 }

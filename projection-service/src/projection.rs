@@ -190,6 +190,36 @@ pub fn values_placeholders(style: Placeholders, rows: usize, columns: usize) -> 
     sql
 }
 
+/// A query on the read-model database with its bound values.
+pub type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Writes `rows` as `INSERT INTO {into} VALUES (..), (..) {tail}`, up to
+/// `per_statement` rows per statement, `bind` binding each row's `columns`
+/// values in order (placeholders as [`values_placeholders`] makes them).
+pub async fn insert_rows<T>(
+    tx: &mut Tx,
+    into: &str,
+    tail: &str,
+    columns: usize,
+    per_statement: usize,
+    rows: &[T],
+    bind: impl for<'q> Fn(AnyQuery<'q>, &T) -> AnyQuery<'q>,
+) -> Result<(), sqlx::Error> {
+    let style = Placeholders::of(tx);
+    for chunk in rows.chunks(per_statement.max(1)) {
+        let sql = format!(
+            "INSERT INTO {into} VALUES {} {tail}",
+            values_placeholders(style, chunk.len(), columns)
+        );
+        let mut query = sqlx::query(&sql).persistent(false);
+        for row in chunk {
+            query = bind(query, row);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 /// Decodes an event's payload into a domain event type.
 pub fn decode<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E, ProjectionError> {
     serde_json::from_value(event.payload.clone()).map_err(|error| ProjectionError::Decode {
