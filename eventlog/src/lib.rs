@@ -223,6 +223,25 @@ impl EventLog {
         }
     }
 
+    /// Events at positions up to `up_to`, stream by stream: ordered by tenant,
+    /// stream type, stream id and version, starting after `after` (from the
+    /// first stream when None), at most `limit`. For rebuilding read models
+    /// keyed by stream, which then write each stream's rows together and in
+    /// key order. `up_to` should be a head this log reported: every position
+    /// up to it is committed, so the pages together hold exactly those events.
+    pub async fn read_by_stream(
+        &self,
+        up_to: i64,
+        after: Option<&StreamCursor>,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        self.check_open()?;
+        match &self.inner.store {
+            Store::Sqlite(s) => s.read_by_stream(up_to, after, limit).await,
+            Store::Postgres(s) => s.read_by_stream(up_to, after, limit).await,
+        }
+    }
+
     /// Events of one stream type of a tenant (all stream ids) with `position > after_position`,
     /// ascending by position, at most `limit`.
     pub async fn read_stream_type(

@@ -35,7 +35,7 @@ use crate::pg_group::{self, AppendRequest};
 use crate::rows::{self, EVENT_COLUMNS, IDEMPOTENCY_COLUMNS};
 use crate::{
     bump_head, AppendBatch, AppendOutcome, IdempotencyRecord, LogError, RecordedEvent,
-    SnapshotWrite, StoredSnapshot,
+    SnapshotWrite, StoredSnapshot, StreamCursor,
 };
 
 /// NOTIFY channel carrying the new head position.
@@ -173,6 +173,35 @@ impl PgStore {
         sqlx::query(&sql)
             .bind(after_position)
             .bind(limit.max(0))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(rows::pg_event)
+            .collect()
+    }
+
+    pub(crate) async fn read_by_stream(
+        &self,
+        up_to: i64,
+        after: Option<&StreamCursor>,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        // The row-value comparison walks the (tenant, stream type, stream id,
+        // version) unique index from the cursor on; from the start too (a
+        // start without it sorts the whole log for the first page).
+        let start = StreamCursor::before_all();
+        let cursor = after.unwrap_or(&start);
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE (tenant_id, stream_type, stream_id, version) > ($1, $2, $3, $4) AND global_position <= $5 ORDER BY tenant_id, stream_type, stream_id, version LIMIT $6"
+        );
+        let query = sqlx::query(&sql)
+            .bind(&cursor.tenant_id)
+            .bind(&cursor.stream_type)
+            .bind(&cursor.stream_id)
+            .bind(cursor.version)
+            .bind(up_to)
+            .bind(limit.max(0));
+        query
             .fetch_all(&self.pool)
             .await?
             .iter()

@@ -33,7 +33,7 @@ use crate::rows::{self, EVENT_COLUMNS, IDEMPOTENCY_COLUMNS};
 use crate::types::now_micros;
 use crate::{
     bump_head, AppendBatch, AppendOutcome, Committed, CommittedStream, IdempotencyRecord, LogError,
-    RecordedEvent, SnapshotWrite, StoredSnapshot,
+    RecordedEvent, SnapshotWrite, StoredSnapshot, StreamCursor,
 };
 
 /// Most requests folded into one group-commit transaction.
@@ -178,6 +178,35 @@ impl SqliteStore {
         sqlx::query(&sql)
             .bind(after_position)
             .bind(limit.max(0))
+            .fetch_all(&self.read)
+            .await?
+            .iter()
+            .map(rows::sqlite_event)
+            .collect()
+    }
+
+    pub(crate) async fn read_by_stream(
+        &self,
+        up_to: i64,
+        after: Option<&StreamCursor>,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        // The row-value comparison walks the (tenant, stream type, stream id,
+        // version) unique index from the cursor on; from the start too (a
+        // start without it sorts the whole log for the first page).
+        let start = StreamCursor::before_all();
+        let cursor = after.unwrap_or(&start);
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE (tenant_id, stream_type, stream_id, version) > (?, ?, ?, ?) AND global_position <= ? ORDER BY tenant_id, stream_type, stream_id, version LIMIT ?"
+        );
+        let query = sqlx::query(&sql)
+            .bind(&cursor.tenant_id)
+            .bind(&cursor.stream_type)
+            .bind(&cursor.stream_id)
+            .bind(cursor.version)
+            .bind(up_to)
+            .bind(limit.max(0));
+        query
             .fetch_all(&self.read)
             .await?
             .iter()

@@ -112,6 +112,38 @@ pub struct IdempotencyRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// Where a stream-by-stream read of the log stopped: the stream and version of
+/// the last event it returned (see [`crate::EventLog::read_by_stream`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamCursor {
+    pub tenant_id: String,
+    pub stream_type: String,
+    pub stream_id: String,
+    pub version: i64,
+}
+
+impl StreamCursor {
+    /// A cursor before every event (no stream has an empty id and version 0).
+    pub fn before_all() -> Self {
+        Self {
+            tenant_id: String::new(),
+            stream_type: String::new(),
+            stream_id: String::new(),
+            version: i64::MIN,
+        }
+    }
+
+    /// The cursor just past `event`.
+    pub fn after(event: &RecordedEvent) -> Self {
+        Self {
+            tenant_id: event.tenant_id.clone(),
+            stream_type: event.stream_type.clone(),
+            stream_id: event.stream_id.clone(),
+            version: event.version,
+        }
+    }
+}
+
 /// An event as stored in the log.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RecordedEvent {

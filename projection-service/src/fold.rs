@@ -245,10 +245,73 @@ fn record_folded(projection: &'static str, events: &[RecordedEvent]) {
 /// Helpers for read-model tests: events as the log would hold them.
 pub mod testkit {
     use chrono::{DateTime, Utc};
+
+    use super::{create_tables, fold_batch};
+    use crate::projection::{Projection, Tables};
+    use crate::readdb::ReadDb;
     use cqrs_es::DomainEvent;
     use crm_eventlog::RecordedEvent;
     use serde::Serialize;
     use serde_json::json;
+
+    /// Folds `events` (in log order) into generation 1 of `projection`'s tables
+    /// and, sorted stream by stream as a rebuild of a
+    /// [`Projection::rebuild_by_stream`] projection reads the log, into
+    /// generation 2, both in batches of 7; asserts that every table of the two
+    /// holds the same rows.
+    pub async fn assert_stream_order_folds_the_same(
+        db: &ReadDb,
+        projection: &dyn Projection,
+        events: &[RecordedEvent],
+    ) {
+        assert!(projection.stream_local() && projection.rebuild_by_stream());
+        let mut by_stream = events.to_vec();
+        by_stream.sort_by(|a, b| {
+            (&a.tenant_id, &a.stream_type, &a.stream_id, a.version).cmp(&(
+                &b.tenant_id,
+                &b.stream_type,
+                &b.stream_id,
+                b.version,
+            ))
+        });
+        let positions = |events: &[RecordedEvent]| -> Vec<i64> {
+            events.iter().map(|event| event.position).collect()
+        };
+        assert_ne!(
+            positions(&by_stream),
+            positions(events),
+            "the events interleave their streams"
+        );
+        let mut generations = Vec::new();
+        for (generation, events) in [(1, events), (2, &by_stream[..])] {
+            let tables = Tables::new(projection.name(), generation);
+            create_tables(db, projection, &tables).await.unwrap();
+            for batch in events.chunks(7) {
+                fold_batch(db, projection, &tables, batch, None)
+                    .await
+                    .unwrap_or_else(|f| panic!("fold failed: {:?}", f.error));
+            }
+            generations.push(tables);
+        }
+        let count = |sql: String| async move {
+            sqlx::query_scalar::<_, i64>(&sql)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap()
+        };
+        for base in projection.table_names() {
+            let (in_log_order, by_stream) = (generations[0].t(base), generations[1].t(base));
+            let rows = count(format!("SELECT COUNT(*) FROM {in_log_order}")).await;
+            assert!(rows > 0, "{base} has rows");
+            for (a, b) in [(&in_log_order, &by_stream), (&by_stream, &in_log_order)] {
+                let missing = count(format!(
+                    "SELECT COUNT(*) FROM (SELECT * FROM {a} EXCEPT SELECT * FROM {b}) AS d"
+                ))
+                .await;
+                assert_eq!(missing, 0, "rows of {a} not in {b}");
+            }
+        }
+    }
 
     /// A recorded event of `stream_type`/`stream_id` at `version` and global `position`.
     pub fn recorded<E: Serialize + DomainEvent>(

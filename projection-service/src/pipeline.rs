@@ -61,6 +61,10 @@ impl Projection for PipelineProjection {
         true // rows are keyed by the opportunity, built from its own events
     }
 
+    fn rebuild_by_stream(&self) -> bool {
+        true
+    }
+
     fn version(&self) -> i64 {
         1
     }

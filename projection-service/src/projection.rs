@@ -68,6 +68,16 @@ pub trait Projection: Send + Sync + 'static {
         false
     }
 
+    /// True when this projection's rows are keyed by stream and it is
+    /// [`stream_local`](Self::stream_local): a rebuild then reads the log
+    /// stream by stream, so a stream's rows are folded together and written
+    /// once, in key order, instead of once per batch its events fall in.
+    /// (A projection keyed by log position, like the audit trail, is written
+    /// in key order by the log's own order.)
+    fn rebuild_by_stream(&self) -> bool {
+        false
+    }
+
     /// Folds one event into the rows. Events of every stream type arrive, in
     /// log order; ignore the ones this read model does not use.
     async fn apply(
@@ -113,7 +123,7 @@ impl BatchError {
     }
 
     /// A statement writing rows of several events failed.
-    pub fn whole_batch(error: sqlx::Error) -> BatchError {
+    pub fn whole_batch<E: Into<ProjectionError>>(error: E) -> BatchError {
         BatchError {
             index: None,
             error: error.into(),
@@ -222,7 +232,8 @@ pub async fn insert_rows<T>(
 
 /// Decodes an event's payload into a domain event type.
 pub fn decode<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E, ProjectionError> {
-    serde_json::from_value(event.payload.clone()).map_err(|error| ProjectionError::Decode {
+    // From the borrowed tree: no copy of the payload per decode.
+    E::deserialize(&event.payload).map_err(|error| ProjectionError::Decode {
         event_id: event.event_id.to_string(),
         event_type: event.event_type.clone(),
         message: error.to_string(),

@@ -1,12 +1,12 @@
 //! Rebuild: replay the whole log into a new generation of a projection's
 //! tables while the serving generation keeps answering, then switch.
 
-use crm_eventlog::{EventLog, RecordedEvent};
+use crm_eventlog::{EventLog, RecordedEvent, StreamCursor};
 
-use crate::fold::{fold_batch, Advance};
+use crate::fold::{fold_batch, Advance, FoldFailure};
 use crate::projection::Projection;
 use crate::readdb::ReadDb;
-use crate::registry;
+use crate::registry::{self, Generation};
 
 /// Events per transaction during a rebuild.
 const REBUILD_BATCH: i64 = 2000;
@@ -71,8 +71,38 @@ pub async fn rebuild_in_batches(
         registry::Indexes::AfterLoading,
     )
     .await?;
-    let tables = generation.tables();
     let mut position = 0;
+    if projection.rebuild_by_stream() && projection.stream_local() {
+        position = fold_by_stream(log, db, projection, &generation, batch, &mut progress).await?;
+    }
+    fold_in_log_order(
+        log,
+        db,
+        projection,
+        &generation,
+        position,
+        batch,
+        &mut progress,
+    )
+    .await?;
+    registry::create_indexes(db, projection, &generation).await?;
+    // The live runner continues from this generation's checkpoint after the switch.
+    registry::activate(db, projection.name(), generation.generation).await?;
+    Ok(generation.generation)
+}
+
+/// Folds the events after `position` in log order until a batch reaches the
+/// log's head, moving the generation's checkpoint with every batch.
+async fn fold_in_log_order(
+    log: &EventLog,
+    db: &ReadDb,
+    projection: &dyn Projection,
+    generation: &Generation,
+    mut position: i64,
+    batch: i64,
+    progress: &mut impl FnMut(i64, i64),
+) -> Result<(), RebuildError> {
+    let tables = generation.tables();
     let (mut head, mut events) = read_ahead(log.clone(), position, batch).await?;
     loop {
         let full = events.len() as i64 == batch;
@@ -89,28 +119,80 @@ pub async fn rebuild_in_batches(
         });
         if let Err(failure) = fold_batch(db, projection, &tables, &events, advance).await {
             next.abort();
-            let (event_id, at) = failure
-                .event
-                .as_ref()
-                .map(|event| (event.event_id.to_string(), event.position))
-                .unwrap_or_default();
-            return Err(RebuildError::Fold {
-                projection: projection.name().to_string(),
-                event_id,
-                position: at,
-                error: failure.error.to_string(),
-            });
+            return Err(fold_failed(projection, failure));
         }
         position = last;
         progress(position, head.max(position));
         if !full && position >= head {
             next.abort();
-            break;
+            return Ok(());
         }
         (head, events) = next.await??;
     }
-    registry::create_indexes(db, projection, &generation).await?;
-    // The live runner continues from this generation's checkpoint after the switch.
-    registry::activate(db, projection.name(), generation.generation).await?;
-    Ok(generation.generation)
+}
+
+/// Folds every event up to the log's current head stream by stream (see
+/// [`Projection::rebuild_by_stream`]), then moves the generation's checkpoint
+/// to that head and returns it. Out of log order across streams, which a
+/// stream-local projection allows; the checkpoint moves only at the end, as
+/// no position before the head is folded completely until then.
+async fn fold_by_stream(
+    log: &EventLog,
+    db: &ReadDb,
+    projection: &dyn Projection,
+    generation: &Generation,
+    batch: i64,
+    progress: &mut impl FnMut(i64, i64),
+) -> Result<i64, RebuildError> {
+    let tables = generation.tables();
+    let up_to = log.head_position().await?;
+    let read = |after: Option<StreamCursor>| {
+        let log = log.clone();
+        async move { log.read_by_stream(up_to, after.as_ref(), batch).await }
+    };
+    let mut events = read(None).await?;
+    let mut folded = 0;
+    loop {
+        let next = (events.len() as i64 == batch)
+            .then(|| tokio::spawn(read(events.last().map(StreamCursor::after))));
+        if let Err(failure) = fold_batch(db, projection, &tables, &events, None).await {
+            if let Some(next) = next {
+                next.abort();
+            }
+            return Err(fold_failed(projection, failure));
+        }
+        folded += events.len() as i64;
+        progress(folded.min(up_to), up_to);
+        match next {
+            Some(next) => events = next.await??,
+            None => break,
+        }
+    }
+    if up_to > 0 {
+        let advance = Advance {
+            name: &generation.name,
+            generation: generation.generation,
+            part: None,
+            from: 0,
+            to: up_to,
+        };
+        fold_batch(db, projection, &tables, &[], Some(advance))
+            .await
+            .map_err(|failure| fold_failed(projection, failure))?;
+    }
+    Ok(up_to)
+}
+
+fn fold_failed(projection: &dyn Projection, failure: FoldFailure) -> RebuildError {
+    let (event_id, position) = failure
+        .event
+        .as_ref()
+        .map(|event| (event.event_id.to_string(), event.position))
+        .unwrap_or_default();
+    RebuildError::Fold {
+        projection: projection.name().to_string(),
+        event_id,
+        position,
+        error: failure.error.to_string(),
+    }
 }

@@ -710,3 +710,27 @@ async fn two_batches_equal_one() {
 async fn ignores_other_stream_types() {
     on_both_backends(other_streams_are_ignored).await;
 }
+
+/// What a rebuild relies on to read the log stream by stream.
+#[tokio::test]
+async fn folded_stream_by_stream_the_rows_are_the_same() {
+    // The scenario as a log would hold it: the opportunities' events
+    // interleaved by when they happened, not one opportunity after another.
+    let mut events = scenario();
+    events.sort_by_key(|event| event.payload["occurred_at"].as_str().map(str::to_string));
+    for (position, event) in (1..).zip(&mut events) {
+        event.position = position;
+    }
+    on_both_backends(|db| {
+        let events = events.clone();
+        async move {
+            crm_projection_service::fold::testkit::assert_stream_order_folds_the_same(
+                &db,
+                &PipelineProjection,
+                &events,
+            )
+            .await;
+        }
+    })
+    .await;
+}

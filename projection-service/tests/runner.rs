@@ -14,10 +14,15 @@ use crm_projection_service::runner::{Runner, RunnerSettings};
 use serde_json::json;
 use sqlx::Row;
 
-/// Inserts one row per event; the primary key makes a double fold an error.
+/// Inserts one row per event, numbered in the order it was folded; the
+/// primary key makes a double fold an error.
+#[derive(Default)]
 struct Tally {
     name: &'static str,
     refuse_poison: bool,
+    /// Claims to be keyed by stream (a rebuild then reads stream by stream).
+    by_stream: bool,
+    folds: std::sync::atomic::AtomicI64,
 }
 
 #[async_trait::async_trait]
@@ -31,7 +36,8 @@ impl Projection for Tally {
     fn schema(&self, tables: &Tables) -> Vec<String> {
         vec![
             format!(
-                "CREATE TABLE IF NOT EXISTS {} (position BIGINT PRIMARY KEY, stream_id TEXT NOT NULL)",
+                "CREATE TABLE IF NOT EXISTS {} (position BIGINT PRIMARY KEY, stream_id TEXT NOT NULL, \
+                 fold BIGINT NOT NULL)",
                 tables.t("seen")
             ),
             format!(
@@ -44,6 +50,12 @@ impl Projection for Tally {
     fn table_names(&self) -> Vec<&'static str> {
         vec!["seen"]
     }
+    fn stream_local(&self) -> bool {
+        self.by_stream
+    }
+    fn rebuild_by_stream(&self) -> bool {
+        self.by_stream
+    }
     async fn apply(
         &self,
         tx: &mut Tx,
@@ -53,12 +65,16 @@ impl Projection for Tally {
         if self.refuse_poison && event.payload["poison"] == json!(true) {
             return Err(ProjectionError::Invalid("poisoned event".into()));
         }
+        let fold = self
+            .folds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         sqlx::query(&format!(
-            "INSERT INTO {} (position, stream_id) VALUES ($1, $2)",
+            "INSERT INTO {} (position, stream_id, fold) VALUES ($1, $2, $3)",
             tables.t("seen")
         ))
         .bind(event.position)
         .bind(event.stream_id.clone())
+        .bind(fold)
         .execute(&mut **tx)
         .await?;
         Ok(())
@@ -133,10 +149,12 @@ async fn scenario(log: EventLog, db: ReadDb) {
     let healthy: Arc<dyn Projection> = Arc::new(Tally {
         name: "tally",
         refuse_poison: false,
+        ..Tally::default()
     });
     let picky: Arc<dyn Projection> = Arc::new(Tally {
         name: "picky",
         refuse_poison: true,
+        ..Tally::default()
     });
     let settings = RunnerSettings {
         batch_size: 7,
@@ -313,7 +331,7 @@ async fn a_stale_checkpoint_commits_nothing() {
     let events = log.read_all(0, 10).await.unwrap();
     let tally = Tally {
         name: "tally",
-        refuse_poison: false,
+        ..Tally::default()
     };
     registry::ensure(&db).await.unwrap();
     let generation =
@@ -414,4 +432,79 @@ async fn a_stale_checkpoint_commits_nothing() {
     let serving = registry::active(&db, "tally").await.unwrap().unwrap();
     assert_eq!(serving.checkpoint, 4, "both partitions at 4");
     assert_eq!(seen(&db, &tables).await, [1, 2, 3, 4]);
+}
+
+/// A projection keyed by stream is rebuilt from the log read stream by stream:
+/// each stream's events folded together, every event once, the checkpoint at
+/// the head it read up to.
+async fn rebuild_by_stream(log: EventLog, db: ReadDb) {
+    for n in 0..9 {
+        append(&log, &format!("s{}", n % 3), json!({"n": n})).await;
+    }
+    let head = log.head_position().await.unwrap();
+    let tally = Tally {
+        name: "by_stream",
+        by_stream: true,
+        ..Tally::default()
+    };
+    let mut reported = Vec::new();
+    let generation = crm_projection_service::rebuild::rebuild_in_batches(
+        &log,
+        &db,
+        &tally,
+        2,
+        |position, head| reported.push((position, head)),
+    )
+    .await
+    .unwrap();
+    let rebuilt = registry::active(&db, "by_stream").await.unwrap().unwrap();
+    assert_eq!(rebuilt.generation, generation);
+    assert_eq!(rebuilt.checkpoint, head);
+    assert_eq!(
+        seen(&db, &rebuilt.tables()).await,
+        (1..=head).collect::<Vec<_>>()
+    );
+    let folded: Vec<(String, i64)> = sqlx::query(&format!(
+        "SELECT stream_id, position FROM {} ORDER BY fold",
+        rebuilt.tables().t("seen")
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| (row.get("stream_id"), row.get("position")))
+    .collect();
+    let mut by_stream = folded.clone();
+    by_stream.sort();
+    assert_eq!(
+        folded, by_stream,
+        "each stream's events folded together, in order"
+    );
+    assert_eq!(reported.last(), Some(&(head, head)));
+    assert!(index_exists(&db, &rebuilt.tables().t("seen_stream_ix")).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_by_stream_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open_sqlite(&dir.path().join("events.db"))
+        .await
+        .unwrap();
+    let db = ReadDb::open_sqlite(&dir.path().join("read.db"))
+        .await
+        .unwrap();
+    rebuild_by_stream(log, db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_by_stream_on_postgres() {
+    let Some(pg) = PgTestDb::create().await else {
+        return;
+    };
+    let log = EventLog::connect(&pg.url).await.unwrap();
+    let db = ReadDb::connect(&pg.url).await.unwrap();
+    rebuild_by_stream(log.clone(), db.clone()).await;
+    db.pool.close().await;
+    log.close().await;
+    pg.drop_db().await;
 }

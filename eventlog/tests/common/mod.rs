@@ -26,6 +26,7 @@ macro_rules! for_each_case {
             idempotent_retry_returns_duplicate,
             concurrent_idempotent_retries_append_once,
             read_all_positions_contiguous,
+            read_by_stream_pages_stream_by_stream_up_to_a_head,
             subscribe_sees_head_move,
             snapshots_newest_wins,
             json_round_trip_unicode,
@@ -474,6 +475,57 @@ pub async fn read_all_positions_contiguous(log: &EventLog) {
     }
     assert!(log.read_all(after, 10).await.unwrap().is_empty());
     assert!(log.read_all(start, 0).await.unwrap().is_empty());
+}
+
+pub async fn read_by_stream_pages_stream_by_stream_up_to_a_head(log: &EventLog) {
+    let start = log.head_position().await.unwrap();
+    // Interleaved in the log: two stream types, three ids, two tenants.
+    for i in 0..12 {
+        let stream_type = if i % 2 == 0 { "opportunity" } else { "case" };
+        let mut b = batch(vec![stream(
+            stream_type,
+            &format!("s{}", i % 3),
+            ExpectedVersion::Any,
+            1 + i % 2,
+        )]);
+        if i % 5 == 4 {
+            b.tenant_id = "globex".into();
+        }
+        log.append(b).await.unwrap();
+    }
+    let head = log.head_position().await.unwrap();
+    // Appended after the head the read is bounded by: not part of it.
+    log.append(batch(vec![stream("case", "s0", ExpectedVersion::Any, 2)]))
+        .await
+        .unwrap();
+    let mut cursor = None;
+    let mut seen = Vec::new();
+    loop {
+        let page = log.read_by_stream(head, cursor.as_ref(), 4).await.unwrap();
+        assert!(page.len() <= 4);
+        let Some(last) = page.last() else { break };
+        cursor = Some(StreamCursor::after(last));
+        seen.extend(page);
+    }
+    seen.retain(|e| e.position > start);
+    let mut expected = log.read_all(start, 1000).await.unwrap();
+    expected.retain(|e| e.position <= head);
+    let in_log_order: Vec<i64> = expected.iter().map(|e| e.position).collect();
+    expected.sort_by(|a, b| {
+        (&a.tenant_id, &a.stream_type, &a.stream_id, a.version).cmp(&(
+            &b.tenant_id,
+            &b.stream_type,
+            &b.stream_id,
+            b.version,
+        ))
+    });
+    assert_eq!(
+        seen, expected,
+        "every event up to the head, stream by stream"
+    );
+    let read_order: Vec<i64> = seen.iter().map(|e| e.position).collect();
+    assert_ne!(read_order, in_log_order, "not the log's order");
+    assert_eq!(expected.len(), 18);
 }
 
 pub async fn subscribe_sees_head_move(log: &EventLog) {

@@ -253,31 +253,67 @@ struct Columns {
     data: Value,
 }
 
-/// Folds `event` into the stored aggregate state (fresh when `state` is None).
-fn next_state<A>(state: Option<&str>, event: &RecordedEvent) -> Result<A, ProjectionError>
-where
-    A: Aggregate + Serialize + DeserializeOwned,
-{
-    let mut aggregate: A = match state {
-        Some(state) => serde_json::from_str(state).map_err(|e| {
-            ProjectionError::Invalid(format!(
-                "stored {} state {} does not decode: {e}",
-                event.stream_type, event.stream_id
-            ))
-        })?,
-        None => A::default(),
-    };
-    aggregate.apply(decode::<A::Event>(event)?);
-    Ok(aggregate)
+/// A record's aggregate while a batch folds into it, typed by its kind: decoded
+/// from its stored JSON once per batch and encoded once when written.
+enum RecordState {
+    Lead(Lead),
+    Account(Account),
+    Contact(Contact),
+    Opportunity(Opportunity),
+    Case(Case),
+}
+
+impl RecordState {
+    /// The stored state `text` of a `kind` record, or a fresh aggregate.
+    fn load(kind: RecordKind, text: Option<&str>) -> Result<Self, serde_json::Error> {
+        fn load<A: Default + DeserializeOwned>(text: Option<&str>) -> serde_json::Result<A> {
+            text.map_or_else(|| Ok(A::default()), serde_json::from_str)
+        }
+        Ok(match kind {
+            RecordKind::Lead => Self::Lead(load(text)?),
+            RecordKind::Account => Self::Account(load(text)?),
+            RecordKind::Contact => Self::Contact(load(text)?),
+            RecordKind::Opportunity => Self::Opportunity(load(text)?),
+            RecordKind::Case => Self::Case(load(text)?),
+        })
+    }
+
+    /// Folds `event` in with the aggregate's own `apply`.
+    fn apply(&mut self, event: &RecordedEvent) -> Result<(), ProjectionError> {
+        fn apply<A: Aggregate>(
+            aggregate: &mut A,
+            event: &RecordedEvent,
+        ) -> Result<(), ProjectionError> {
+            aggregate.apply(decode::<A::Event>(event)?);
+            Ok(())
+        }
+        match self {
+            Self::Lead(aggregate) => apply(aggregate, event),
+            Self::Account(aggregate) => apply(aggregate, event),
+            Self::Contact(aggregate) => apply(aggregate, event),
+            Self::Opportunity(aggregate) => apply(aggregate, event),
+            Self::Case(aggregate) => apply(aggregate, event),
+        }
+    }
+
+    fn to_value(&self) -> serde_json::Result<Value> {
+        match self {
+            Self::Lead(aggregate) => serde_json::to_value(aggregate),
+            Self::Account(aggregate) => serde_json::to_value(aggregate),
+            Self::Contact(aggregate) => serde_json::to_value(aggregate),
+            Self::Opportunity(aggregate) => serde_json::to_value(aggregate),
+            Self::Case(aggregate) => serde_json::to_value(aggregate),
+        }
+    }
 }
 
 fn text(value: &Value) -> Option<String> {
     value.as_str().map(str::to_string)
 }
 
-/// The view of a record and its filter columns; `state` is the aggregate JSON.
-fn view(kind: RecordKind, state: &Value) -> Columns {
-    let mut data = state.clone();
+/// The view of a record and its filter columns; `state` is the aggregate
+/// JSON, made into the view's `data`.
+fn view(kind: RecordKind, state: Value) -> Columns {
     let mut row = Columns {
         owner: None,
         stage: None,
@@ -285,13 +321,14 @@ fn view(kind: RecordKind, state: &Value) -> Columns {
         account_id: None,
         data: Value::Null,
     };
+    let mut data = state;
     match kind {
         RecordKind::Lead => {
-            row.status = text(&state["status"]);
+            row.status = text(&data["status"]);
         }
         RecordKind::Account => {
-            row.owner = text(&state["owner"]);
-            let status = if state["archived"] == json!(true) {
+            row.owner = text(&data["owner"]);
+            let status = if data["archived"] == json!(true) {
                 "archived"
             } else {
                 "active"
@@ -300,22 +337,22 @@ fn view(kind: RecordKind, state: &Value) -> Columns {
             data["status"] = json!(status);
         }
         RecordKind::Contact => {
-            row.account_id = text(&state["account_id"]);
+            row.account_id = text(&data["account_id"]);
             if let Some(object) = data.as_object_mut() {
                 // A duplicate-detection window, not part of the record.
                 object.remove("recent_activities");
             }
         }
         RecordKind::Opportunity => {
-            row.owner = text(&state["owner"]);
-            row.stage = text(&state["stage"]);
-            row.status = text(&state["status"]);
-            row.account_id = text(&state["account_id"]);
+            row.owner = text(&data["owner"]);
+            row.stage = text(&data["stage"]);
+            row.status = text(&data["status"]);
+            row.account_id = text(&data["account_id"]);
         }
         RecordKind::Case => {
-            row.owner = text(&state["assignee"]);
-            row.status = text(&state["status"]);
-            row.account_id = text(&state["account_id"]);
+            row.owner = text(&data["assignee"]);
+            row.status = text(&data["status"]);
+            row.account_id = text(&data["account_id"]);
         }
     }
     row.data = data;
@@ -330,6 +367,10 @@ impl Projection for RecordsProjection {
 
     fn stream_local(&self) -> bool {
         true // a record is folded from its own stream only
+    }
+
+    fn rebuild_by_stream(&self) -> bool {
+        true // one row per stream, keyed by it
     }
 
     fn version(&self) -> i64 {
@@ -423,7 +464,7 @@ impl Projection for RecordsProjection {
                     continue;
                 };
                 if let Some(folded) = touched.get_mut(&(kind, id)) {
-                    folded.state = Some(row.try_get("state").map_err(whole_batch)?);
+                    folded.stored = Some(row.try_get("state").map_err(whole_batch)?);
                     folded.created_at = Some(row.try_get("created_at").map_err(whole_batch)?);
                     folded.updated_position =
                         row.try_get("updated_position").map_err(whole_batch)?;
@@ -439,13 +480,15 @@ impl Projection for RecordsProjection {
             };
             folded.fold(kind, event).map_err(BatchError::at(index))?;
         }
-        let rows: Vec<(RecordKind, &str, Folded)> = order
-            .into_iter()
-            .filter_map(|key| {
-                let folded = touched.remove(&(key.0, key.1.to_string()))?;
-                folded.last.is_some().then_some((key.0, key.1, folded))
-            })
-            .collect();
+        let mut rows = Vec::with_capacity(order.len());
+        for (kind, id) in order {
+            let Some(folded) = touched.remove(&(kind, id.to_string())) else {
+                continue;
+            };
+            if let Some(row) = folded.into_row(kind, id).map_err(BatchError::whole_batch)? {
+                rows.push(row);
+            }
+        }
         for chunk in rows.chunks(ROWS_PER_UPSERT) {
             let sql = format!(
                 "INSERT INTO {records} (kind, id, owner, stage, status, account_id, version, created_at, updated_at,
@@ -458,21 +501,20 @@ impl Projection for RecordsProjection {
                 values_placeholders(Placeholders::of(tx), chunk.len(), 12)
             );
             let mut query = sqlx::query(&sql).persistent(false);
-            for (kind, id, folded) in chunk {
-                let Some(last) = &folded.last else { continue };
+            for row in chunk {
                 query = query
-                    .bind(kind.as_str())
-                    .bind(id.to_string())
-                    .bind(last.row.owner.clone())
-                    .bind(last.row.stage.clone())
-                    .bind(last.row.status.clone())
-                    .bind(last.row.account_id.clone())
-                    .bind(last.version)
-                    .bind(folded.created_at.clone().unwrap_or_default())
-                    .bind(last.updated_at.clone())
-                    .bind(folded.updated_position)
-                    .bind(folded.state.clone().unwrap_or_default())
-                    .bind(last.row.data.to_string());
+                    .bind(row.kind.as_str())
+                    .bind(row.id.clone())
+                    .bind(row.columns.owner.clone())
+                    .bind(row.columns.stage.clone())
+                    .bind(row.columns.status.clone())
+                    .bind(row.columns.account_id.clone())
+                    .bind(row.version)
+                    .bind(row.created_at.clone())
+                    .bind(row.updated_at.clone())
+                    .bind(row.updated_position)
+                    .bind(row.state.clone())
+                    .bind(row.columns.data.to_string());
             }
             query.execute(&mut **tx).await.map_err(whole_batch)?;
         }
@@ -486,58 +528,92 @@ const KEYS_PER_READ: usize = 100;
 const ROWS_PER_UPSERT: usize = 50;
 
 /// One record while a batch folds into it: its stored state (JSON) and
-/// position, then what the last folded event made of it.
+/// position, then the aggregate the batch's events made of it.
 #[derive(Default)]
 struct Folded {
-    state: Option<String>,
+    stored: Option<String>,
     created_at: Option<String>,
     updated_position: i64,
+    state: Option<RecordState>,
     last: Option<LastFold>,
 }
 
+/// What the last folded event says of the record.
 struct LastFold {
-    row: Columns,
     version: i64,
     updated_at: String,
 }
 
+/// A record's row as written.
+struct RecordRow {
+    kind: RecordKind,
+    id: String,
+    columns: Columns,
+    version: i64,
+    created_at: String,
+    updated_at: String,
+    updated_position: i64,
+    state: String,
+}
+
 impl Folded {
     fn fold(&mut self, kind: RecordKind, event: &RecordedEvent) -> Result<(), ProjectionError> {
-        if self.state.is_some() && self.updated_position >= event.position {
+        let stored = self.stored.is_some() || self.state.is_some();
+        if stored && self.updated_position >= event.position {
             return Ok(()); // already folded
         }
-        let state = self.state.as_deref();
-        let state: Value = match kind {
-            RecordKind::Lead => serde_json::to_value(next_state::<Lead>(state, event)?),
-            RecordKind::Account => serde_json::to_value(next_state::<Account>(state, event)?),
-            RecordKind::Contact => serde_json::to_value(next_state::<Contact>(state, event)?),
-            RecordKind::Opportunity => {
-                serde_json::to_value(next_state::<Opportunity>(state, event)?)
+        let state = match &mut self.state {
+            Some(state) => state,
+            None => {
+                self.state.insert(
+                    RecordState::load(kind, self.stored.as_deref()).map_err(|e| {
+                        ProjectionError::Invalid(format!(
+                            "stored {} state {} does not decode: {e}",
+                            event.stream_type, event.stream_id
+                        ))
+                    })?,
+                )
             }
-            RecordKind::Case => serde_json::to_value(next_state::<Case>(state, event)?),
-        }
-        .map_err(|e| ProjectionError::Invalid(format!("record state does not encode: {e}")))?;
-        let created_at = self
-            .created_at
-            .get_or_insert_with(|| timestamp(&event.recorded_at))
-            .clone();
-        let updated_at = timestamp(&event.recorded_at);
-        let mut row = view(kind, &state);
-        if let Some(object) = row.data.as_object_mut() {
-            object.insert("id".into(), json!(event.stream_id));
-            object.insert("version".into(), json!(event.version));
-            object.insert("created_at".into(), json!(created_at));
-            object.insert("updated_at".into(), json!(updated_at));
-            object.insert("position".into(), json!(event.position));
-        }
-        self.state = Some(state.to_string());
+        };
+        state.apply(event)?;
+        self.created_at
+            .get_or_insert_with(|| timestamp(&event.recorded_at));
         self.updated_position = event.position;
         self.last = Some(LastFold {
-            row,
             version: event.version,
-            updated_at,
+            updated_at: timestamp(&event.recorded_at),
         });
         Ok(())
+    }
+
+    /// The row to write, if an event of the batch changed the record.
+    fn into_row(self, kind: RecordKind, id: &str) -> Result<Option<RecordRow>, ProjectionError> {
+        let (Some(state), Some(last)) = (self.state, self.last) else {
+            return Ok(None);
+        };
+        let state = state
+            .to_value()
+            .map_err(|e| ProjectionError::Invalid(format!("record state does not encode: {e}")))?;
+        let state_text = state.to_string();
+        let created_at = self.created_at.unwrap_or_default();
+        let mut columns = view(kind, state);
+        if let Some(object) = columns.data.as_object_mut() {
+            object.insert("id".into(), json!(id));
+            object.insert("version".into(), json!(last.version));
+            object.insert("created_at".into(), json!(created_at));
+            object.insert("updated_at".into(), json!(last.updated_at));
+            object.insert("position".into(), json!(self.updated_position));
+        }
+        Ok(Some(RecordRow {
+            kind,
+            id: id.to_string(),
+            columns,
+            version: last.version,
+            created_at,
+            updated_at: last.updated_at,
+            updated_position: self.updated_position,
+            state: state_text,
+        }))
     }
 }
 
@@ -812,6 +888,18 @@ mod tests {
         records_scenario_on_sqlite,
         records_scenario_on_postgres,
         scenario_body
+    );
+
+    async fn stream_order_body(db: ReadDb) {
+        let events = scenario::scenario();
+        crate::fold::testkit::assert_stream_order_folds_the_same(&db, &RecordsProjection, &events)
+            .await;
+    }
+
+    on_both_backends!(
+        folded_stream_by_stream_records_are_the_same_on_sqlite,
+        folded_stream_by_stream_records_are_the_same_on_postgres,
+        stream_order_body
     );
 
     #[test]
