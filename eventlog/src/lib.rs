@@ -1,8 +1,8 @@
-//! `crm-eventlog`: the CRM system of record. An append-only event log on sqlx with two
+//! `crm-eventlog`: the CRM system of record. An append-only event log with two
 //! interchangeable backends behind one [`EventLog`] handle:
 //!
-//! * **SQLite** (embedded default): WAL mode, `synchronous=FULL`, one writer connection owned
-//!   by a *group-commit* writer task, and a separate read pool. An append whose caller
+//! * **SQLite** (embedded default): WAL mode, `synchronous=FULL`, one writer connection
+//!   (rusqlite) owned by a *group-commit* writer thread, and a separate read pool (sqlx). An append whose caller
 //!   stops waiting (future dropped) may still commit; retry with an idempotency key.
 //!   Positions are assigned by the single writer, so they are contiguous and commit ordered by
 //!   construction.
@@ -23,6 +23,7 @@ mod postgres;
 pub mod relay;
 mod rows;
 mod sqlite;
+mod sqlite_writer;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod types;

@@ -23,7 +23,7 @@ pub(crate) fn text_to_ts(s: &str) -> Result<DateTime<Utc>, LogError> {
         .map_err(|e| LogError::Database(sqlx::Error::Decode(Box::new(e))))
 }
 
-fn status_from_i64(v: i64) -> Result<u16, LogError> {
+pub(crate) fn status_from_i64(v: i64) -> Result<u16, LogError> {
     u16::try_from(v).map_err(|e| LogError::Database(sqlx::Error::Decode(Box::new(e))))
 }
 
