@@ -1,8 +1,7 @@
 //! The audit read model: one entry per event of every stream (when, who,
 //! with which roles, which command, which stream and version, correlation
-//! and causation ids) with its field-level changes (field, old -> new), and
-//! which fields each event changed in a child table, so entries can be
-//! filtered by the field they changed.
+//! and causation ids) and its field-level changes (field, old -> new), kept
+//! in a child table so entries can be filtered by the field they changed.
 //! Queries: a filtered, cursor-paginated list and a streaming export
 //! (CSV / JSON lines) that never holds more than one page in memory.
 
@@ -35,8 +34,7 @@ const CURSOR_TAG: &str = "a1";
 pub const EXPORT_PAGE: i64 = 1000;
 
 /// The audit projection: tables `entries` (one row per event, keyed by
-/// global position, its changes as JSON) and `changes` (one row per field
-/// an event changed, keyed by field and position: the field filter's index).
+/// global position) and `changes` (one row per changed field).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct AuditProjection;
 
@@ -372,7 +370,7 @@ impl Projection for AuditProjection {
     }
 
     fn version(&self) -> i64 {
-        2 // 2: `changes` holds (field, position) only
+        1
     }
 
     fn schema(&self, tables: &Tables) -> Vec<String> {
@@ -399,13 +397,14 @@ impl Projection for AuditProjection {
                     client TEXT,
                     changes TEXT NOT NULL)"
             ),
-            // The values are in the entry's `changes`; this table only
-            // answers "which entries changed this field", from its key alone.
             format!(
                 "CREATE TABLE IF NOT EXISTS {changes} (
-                    field TEXT NOT NULL,
                     position BIGINT NOT NULL,
-                    PRIMARY KEY (field, position))"
+                    seq BIGINT NOT NULL,
+                    field TEXT NOT NULL,
+                    old_value TEXT NOT NULL,
+                    new_value TEXT NOT NULL,
+                    PRIMARY KEY (position, seq))"
             ),
             format!(
                 "CREATE INDEX IF NOT EXISTS {} ON {entries} (stream_type, stream_id, position)",
@@ -422,6 +421,10 @@ impl Projection for AuditProjection {
             format!(
                 "CREATE INDEX IF NOT EXISTS {} ON {entries} (event_type, position)",
                 tables.t("entries_type_ix")
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {changes} (field, position)",
+                tables.t("changes_field_ix")
             ),
         ]
     }
@@ -451,8 +454,8 @@ impl Projection for AuditProjection {
         for (index, event) in events.iter().enumerate() {
             let event_changes = changes_of(event).map_err(BatchError::at(index))?;
             entries.push(EntryRow::new(event, &event_changes));
-            for change in event_changes {
-                changes.push((change.field, event.position));
+            for (seq, change) in event_changes.into_iter().enumerate() {
+                changes.push((event.position, seq as i64, change));
             }
         }
         let whole_batch = BatchError::whole_batch;
@@ -472,15 +475,25 @@ impl Projection for AuditProjection {
         )
         .await
         .map_err(whole_batch)?;
-        let changes_into = format!("{} (field, position)", tables.t("changes"));
+        let changes_into = format!(
+            "{} (position, seq, field, old_value, new_value)",
+            tables.t("changes")
+        );
         insert_rows(
             tx,
             &changes_into,
-            "ON CONFLICT (field, position) DO NOTHING",
-            2,
-            CHANGES_PER_INSERT,
+            "ON CONFLICT (position, seq) DO NOTHING",
+            5,
+            ROWS_PER_INSERT,
             &changes,
-            |query, (field, position)| query.bind(field.clone()).bind(*position),
+            |query, (position, seq, change)| {
+                query
+                    .bind(*position)
+                    .bind(*seq)
+                    .bind(change.field.clone())
+                    .bind(change.old.to_string())
+                    .bind(change.new.to_string())
+            },
         )
         .await
         .map_err(whole_batch)?;
@@ -491,8 +504,6 @@ impl Projection for AuditProjection {
 /// Rows per multi-row insert: well under SQLite's and PostgreSQL's bound
 /// parameter limits (17 columns x 50 = 850).
 const ROWS_PER_INSERT: usize = 50;
-/// Changed fields per multi-row insert (2 columns x 400 = 800 parameters).
-const CHANGES_PER_INSERT: usize = 400;
 
 /// One audit entry, as its row.
 struct EntryRow {
