@@ -42,9 +42,6 @@ fn tune(opts: SqliteConnectOptions) -> SqliteConnectOptions {
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(true)
-        // A multi-row insert keeps a statement journal (to undo just that statement); in a
-        // temporary file it costs a kernel copy of every page the statement touches.
-        .pragma("temp_store", "memory")
 }
 
 pub(crate) struct SqliteStore {

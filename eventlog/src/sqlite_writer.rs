@@ -12,7 +12,7 @@
 //! the connection's worker thread and back to the task awaiting it, and on two busy CPUs each
 //! hand-off waited for both threads to be scheduled (measured: a bare `BEGIN` took 0.3-0.45
 //! ms, a group of six commands 3-4 ms, the writer busy 97 % of the time and its CPU 21 %).
-//! Here a group costs two thread wake-ups whatever its statements.
+//! Here the writer wakes once per group, whatever its statements.
 //!
 //! Positions are assigned by the single writer from its in-memory head (reloaded after any
 //! failed group), so they are contiguous and strictly commit ordered: readers cannot see gaps.

@@ -38,7 +38,7 @@ async fn acknowledged_appends_survive_drop_without_close() {
         .await
         .unwrap(),
     );
-    // Simulate a crash: no close(), no destructors (writer task and connections leak).
+    // Simulate a crash: no close(), no destructors (writer thread and connections leak).
     std::mem::forget(log);
     let reopened = EventLog::connect(&format!("sqlite://{}", path.display()))
         .await

@@ -285,8 +285,12 @@ async fn scenario(log: EventLog, db: ReadDb) {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runner_on_sqlite() {
+/// Runs `body` on a log and a read-model database in SQLite files.
+async fn on_sqlite<F, Fut>(body: F)
+where
+    F: FnOnce(EventLog, ReadDb) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let dir = tempfile::tempdir().unwrap();
     let log = EventLog::open_sqlite(&dir.path().join("events.db"))
         .await
@@ -294,20 +298,34 @@ async fn runner_on_sqlite() {
     let db = ReadDb::open_sqlite(&dir.path().join("read.db"))
         .await
         .unwrap();
-    scenario(log, db).await;
+    body(log, db).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runner_on_postgres() {
+/// Runs `body` on a log and read models in a fresh PostgreSQL database.
+async fn on_postgres<F, Fut>(body: F)
+where
+    F: FnOnce(EventLog, ReadDb) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let Some(pg) = PgTestDb::create().await else {
         return;
     };
     let log = EventLog::connect(&pg.url).await.unwrap();
     let db = ReadDb::connect(&pg.url).await.unwrap();
-    scenario(log.clone(), db.clone()).await;
+    body(log.clone(), db.clone()).await;
     db.pool.close().await;
     log.close().await;
     pg.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_on_sqlite() {
+    on_sqlite(scenario).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_on_postgres() {
+    on_postgres(scenario).await;
 }
 
 /// Two workers that both believe they own a range: the second commit finds
@@ -486,25 +504,10 @@ async fn rebuild_by_stream(log: EventLog, db: ReadDb) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_by_stream_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = EventLog::open_sqlite(&dir.path().join("events.db"))
-        .await
-        .unwrap();
-    let db = ReadDb::open_sqlite(&dir.path().join("read.db"))
-        .await
-        .unwrap();
-    rebuild_by_stream(log, db).await;
+    on_sqlite(rebuild_by_stream).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_by_stream_on_postgres() {
-    let Some(pg) = PgTestDb::create().await else {
-        return;
-    };
-    let log = EventLog::connect(&pg.url).await.unwrap();
-    let db = ReadDb::connect(&pg.url).await.unwrap();
-    rebuild_by_stream(log.clone(), db.clone()).await;
-    db.pool.close().await;
-    log.close().await;
-    pg.drop_db().await;
+    on_postgres(rebuild_by_stream).await;
 }
