@@ -1,5 +1,7 @@
 //! Baseline (a), the physical limit: our event rows inserted straight into
-//! PostgreSQL, one row per transaction or batched, with no service in between.
+//! PostgreSQL, one row per transaction or batched, with no service in between;
+//! and the same one-row inserts taking their positions from the log's
+//! `log_head` row, as a gap-free log must (the limit with that lock).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -26,6 +28,14 @@ const INSERT_ONE: &str = "INSERT INTO events (global_position, event_id, tenant_
      stream_id, version, event_type, schema_version, payload, metadata, recorded_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 
+// The position from `log_head`, as the log hands positions out: the row lock
+// is held until the commit, so these transactions commit one at a time.
+const INSERT_ONE_AT_HEAD: &str = "WITH head AS (UPDATE log_head SET position = position + 1 \
+     WHERE id RETURNING position) \
+     INSERT INTO events (global_position, event_id, tenant_id, stream_type, \
+     stream_id, version, event_type, schema_version, payload, metadata, recorded_at) \
+     SELECT head.position, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 FROM head";
+
 // One statement text for every batch size, so the server plans it once per
 // connection and the parameter count does not grow with the batch.
 const INSERT_MANY: &str = "INSERT INTO events (global_position, event_id, tenant_id, stream_type, \
@@ -33,25 +43,40 @@ const INSERT_MANY: &str = "INSERT INTO events (global_position, event_id, tenant
      SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
      $6::bigint[], $7::text[], $8::int4[], $9::jsonb[], $10::jsonb[], $11::timestamptz[])";
 
+/// Where the inserted rows' global positions come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Positions {
+    /// A counter shared by the clients in memory: no lock in the database.
+    Counter,
+    /// The log's `log_head` row, moved in the inserting statement (one row
+    /// per transaction only): its row lock makes the commits take turns.
+    LogHead,
+}
+
 /// Inserts event rows from `clients` connections for `duration`, `batch`
 /// rows per transaction, into a throwaway database that is dropped afterwards
 /// (also when the run fails).
 ///
 /// Each transaction is one autocommit `INSERT` (durable: the server's default
-/// `synchronous_commit = on` is left alone). Global positions come from a
-/// shared counter, not from the log's `log_head` row lock: that lock is the
-/// cost this baseline leaves out.
+/// `synchronous_commit = on` is left alone). With [`Positions::Counter`] the
+/// log's `log_head` row lock is the cost this baseline leaves out; with
+/// [`Positions::LogHead`] it is the cost measured.
 ///
 /// The result holds one latency sample per successful transaction, but its
 /// `ops` counts ROWS (transactions × `batch`), so rates compare with per-event
 /// figures; `errors` counts failed transactions.
-pub async fn run(clients: usize, duration: Duration, batch: usize) -> anyhow::Result<RunResult> {
+pub async fn run(
+    clients: usize,
+    duration: Duration,
+    batch: usize,
+    positions: Positions,
+) -> anyhow::Result<RunResult> {
     let Some(db) = PgTestDb::create().await else {
         anyhow::bail!(
             "PostgreSQL is unreachable (see the warning above); the direct-insert baseline needs it"
         );
     };
-    run_in(db, clients, duration, batch).await
+    run_in(db, clients, duration, batch, positions).await
 }
 
 /// [`run`] on a database the caller created; always drops it.
@@ -60,8 +85,9 @@ async fn run_in(
     clients: usize,
     duration: Duration,
     batch: usize,
+    positions: Positions,
 ) -> anyhow::Result<RunResult> {
-    let outcome = measure(&db.url, clients, duration, batch).await;
+    let outcome = measure(&db.url, clients, duration, batch, positions).await;
     db.drop_db().await;
     outcome
 }
@@ -71,9 +97,14 @@ async fn measure(
     clients: usize,
     duration: Duration,
     batch: usize,
+    positions: Positions,
 ) -> anyhow::Result<RunResult> {
     anyhow::ensure!(clients > 0, "direct insert: need at least one client");
     anyhow::ensure!(batch > 0, "direct insert: batch must be at least one row");
+    anyhow::ensure!(
+        batch == 1 || positions == Positions::Counter,
+        "direct insert: positions from log_head are one row per transaction"
+    );
 
     // The real log's migrations, so the table, constraints, index and
     // triggers the rows meet are exactly the service's.
@@ -89,13 +120,13 @@ async fn measure(
     }))
     .await?;
 
-    let positions = Arc::new(AtomicI64::new(1));
+    let counter = Arc::new(AtomicI64::new(1));
     let start = Instant::now();
     let deadline = start + duration;
     let tasks: Vec<_> = connections
         .into_iter()
         .map(|conn| {
-            let client = Client::new(url.to_string(), conn, positions.clone(), batch);
+            let client = Client::new(url.to_string(), conn, counter.clone(), batch, positions);
             tokio::spawn(client.run_until(deadline))
         })
         .collect();
@@ -128,20 +159,28 @@ async fn measure(
     let mut conn = PgConnection::connect(url)
         .await
         .context("direct insert: connecting to count rows")?;
-    let landed: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(&mut conn)
-        .await
-        .context("direct insert: counting rows")?;
+    let (landed, highest, head): (i64, Option<i64>, i64) = sqlx::query_as(
+        "SELECT count(*), max(global_position), (SELECT position FROM log_head) FROM events",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .context("direct insert: counting rows")?;
     drop(conn.close().await);
     anyhow::ensure!(
         u64::try_from(landed).ok() == Some(rows),
         "direct insert: clients counted {rows} rows but the table holds {landed}"
     );
+    // From log_head, the head moved once per row and the positions are
+    // 1..=rows with no gap (a failed insert rolled its move back).
+    anyhow::ensure!(
+        positions == Positions::Counter || (head == landed && highest.unwrap_or(0) == landed),
+        "direct insert: log_head at {head}, positions up to {highest:?}, for {landed} rows"
+    );
 
-    let name = if batch == 1 {
-        "direct insert, 1 row/tx".to_string()
-    } else {
-        format!("direct insert, {batch} rows/tx")
+    let name = match (batch, positions) {
+        (1, Positions::Counter) => "direct insert, 1 row/tx".to_string(),
+        (1, Positions::LogHead) => "direct insert, 1 row/tx, position from log_head".to_string(),
+        (batch, _) => format!("direct insert, {batch} rows/tx"),
     };
     let mut result = RunResult::new(name, elapsed, latencies, errors);
     result.ops = rows;
@@ -160,19 +199,27 @@ struct Done {
 struct Client {
     url: String,
     conn: PgConnection,
-    positions: Arc<AtomicI64>,
+    counter: Arc<AtomicI64>,
     batch: usize,
+    positions: Positions,
     stream_id: String,
     next_version: i64,
 }
 
 impl Client {
-    fn new(url: String, conn: PgConnection, positions: Arc<AtomicI64>, batch: usize) -> Self {
+    fn new(
+        url: String,
+        conn: PgConnection,
+        counter: Arc<AtomicI64>,
+        batch: usize,
+        positions: Positions,
+    ) -> Self {
         Self {
             url,
             conn,
-            positions,
+            counter,
             batch,
+            positions,
             stream_id: Uuid::new_v4().to_string(),
             next_version: 1,
         }
@@ -185,7 +232,8 @@ impl Client {
         while Instant::now() < deadline {
             // Rows are built before the clock starts: the baseline times the
             // database, not JSON building in the load generator.
-            let first_position = self.positions.fetch_add(batch, Ordering::Relaxed);
+            // Taken from the counter either way; unused when log_head hands them out.
+            let first_position = self.counter.fetch_add(batch, Ordering::Relaxed);
             let columns = Columns::build(
                 first_position,
                 &self.stream_id,
@@ -193,7 +241,7 @@ impl Client {
                 self.batch,
             )?;
             let began = Instant::now();
-            let inserted = columns.insert(&mut self.conn).await;
+            let inserted = columns.insert(&mut self.conn, self.positions).await;
             let took = began.elapsed();
             match inserted {
                 Ok(()) => {
@@ -277,8 +325,26 @@ impl Columns {
         Ok(columns)
     }
 
-    async fn insert(self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        if self.positions.len() == 1 {
+    async fn insert(
+        self,
+        conn: &mut PgConnection,
+        positions: Positions,
+    ) -> Result<(), sqlx::Error> {
+        if positions == Positions::LogHead {
+            sqlx::query(INSERT_ONE_AT_HEAD)
+                .bind(self.event_ids[0])
+                .bind(TENANT)
+                .bind(STREAM_TYPE)
+                .bind(&self.stream_ids[0])
+                .bind(self.versions[0])
+                .bind(EVENT_TYPE)
+                .bind(SCHEMA_VERSION)
+                .bind(&self.payloads[0])
+                .bind(&self.metadata[0])
+                .bind(self.recorded_at[0])
+                .execute(conn)
+                .await?;
+        } else if self.positions.len() == 1 {
             sqlx::query(INSERT_ONE)
                 .bind(self.positions[0])
                 .bind(self.event_ids[0])
@@ -354,7 +420,11 @@ mod tests {
 
     #[tokio::test]
     async fn rows_land_and_the_database_is_dropped() -> anyhow::Result<()> {
-        for batch in [1, 50] {
+        for (batch, positions) in [
+            (1, Positions::Counter),
+            (50, Positions::Counter),
+            (1, Positions::LogHead),
+        ] {
             // Panics naming PostgreSQL when CI=true; elsewhere it warns and
             // gives None.
             let Some(db) = PgTestDb::create().await else {
@@ -363,7 +433,7 @@ mod tests {
             let name = db.name.clone();
             // `run` minus creating the database, so the test knows its name;
             // `run_in` also checks the table holds exactly `ops` rows.
-            let result = run_in(db, 2, Duration::from_millis(300), batch).await?;
+            let result = run_in(db, 2, Duration::from_millis(300), batch, positions).await?;
             assert!(result.ops > 0, "batch {batch}: no rows inserted");
             assert_eq!(result.errors, 0, "batch {batch}");
             assert_eq!(

@@ -27,6 +27,9 @@ impl Backend {
     }
 }
 
+/// The embedded log's file in a data directory (as `crm` names it in `crm/src/stores.rs`).
+pub const LOG_FILE: &str = "crm.db";
+
 /// Path of the `crm` binary: `$CRM_BIN`, or the one cargo built next to this
 /// executable (so `cargo build --release -p crm -p crm-bench` pairs them).
 pub fn crm_binary() -> anyhow::Result<PathBuf> {
