@@ -256,6 +256,48 @@ async fn postgres(
     );
     query_targets(report, &queries, "PostgreSQL");
     server.finish().await;
+    commands_alone(args, data, report, direct).await
+}
+
+/// The same closed loop on `crm command-service` alone (a fresh database):
+/// the command path without the read models folding beside it, in the same
+/// process and the same PostgreSQL.
+async fn commands_alone(
+    args: &Args,
+    data: &Dataset,
+    report: &mut Report,
+    direct: Option<&Direct>,
+) -> anyhow::Result<()> {
+    report.heading("crm command-service alone on PostgreSQL: the command path without read models");
+    let server = Server::start_command_service().await?;
+    let target = server.target.clone();
+    let world = World::register(&target, data.clone()).await?;
+    let mut fleet = Fleet::new(&world, args.clients, 1);
+    fleet
+        .closed_loop(&target, Duration::from_secs(2), "warm-up")
+        .await?;
+    server.analyze().await?;
+    let alone = fleet
+        .closed_loop(
+            &target,
+            args.duration(),
+            "commands, closed loop, crm command-service alone (no read models)",
+        )
+        .await?;
+    server.finish().await;
+    report.runs(&[&alone.result]);
+    if let Some(Direct { one, at_head }) = direct {
+        report.line(format!(
+            "crm command-service alone / direct one-row inserts at {} clients: {:.0} / {:.0} = {:.2}x; / direct with positions from log_head: {:.0} / {:.0} = {:.2}x",
+            args.clients,
+            alone.result.rate(),
+            one.rate(),
+            ratio(alone.result.rate(), one.rate()),
+            alone.result.rate(),
+            at_head.rate(),
+            ratio(alone.result.rate(), at_head.rate())
+        ));
+    }
     Ok(())
 }
 

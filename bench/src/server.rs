@@ -1,5 +1,6 @@
 //! The service under test: a real `crm serve` child process (embedded SQLite
-//! or a throwaway PostgreSQL database), its admin token, HTTP client and RSS.
+//! or a throwaway PostgreSQL database), or `crm command-service` alone on
+//! PostgreSQL; its admin token, HTTP client and RSS.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -23,6 +24,33 @@ impl Backend {
         match self {
             Backend::Sqlite => "SQLite",
             Backend::Postgres => "PostgreSQL",
+        }
+    }
+}
+
+/// Which `crm` subcommand runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Process {
+    /// `crm serve`: commands, projections and queries in one process.
+    Serve,
+    /// `crm command-service`: the command API alone, no read model folding
+    /// beside it (PostgreSQL only).
+    CommandService,
+}
+
+impl Process {
+    fn subcommand(self) -> &'static str {
+        match self {
+            Process::Serve => "serve",
+            Process::CommandService => "command-service",
+        }
+    }
+
+    /// The line the process prints once it listens, before the address.
+    fn listening(self) -> &'static str {
+        match self {
+            Process::Serve => "crm listening on ",
+            Process::CommandService => "crm command-service listening on ",
         }
     }
 }
@@ -83,10 +111,12 @@ impl Target {
     }
 }
 
-/// A running `crm serve`, stopped and cleaned up by [`Server::finish`].
+/// A running `crm serve` (or `crm command-service`), stopped and cleaned up
+/// by [`Server::finish`].
 pub struct Server {
     child: Child,
     pub backend: Backend,
+    process: Process,
     pub target: Target,
     data_dir: TempDir,
     secret: String,
@@ -96,6 +126,19 @@ pub struct Server {
 impl Server {
     /// Starts `crm serve` on a fresh store.
     pub async fn start(backend: Backend) -> anyhow::Result<Server> {
+        Self::start_as(backend, Process::Serve).await
+    }
+
+    /// Starts `crm command-service` alone on a fresh PostgreSQL database.
+    pub async fn start_command_service() -> anyhow::Result<Server> {
+        Self::start_as(Backend::Postgres, Process::CommandService).await
+    }
+
+    async fn start_as(backend: Backend, process: Process) -> anyhow::Result<Server> {
+        anyhow::ensure!(
+            process == Process::Serve || backend == Backend::Postgres,
+            "crm command-service runs on PostgreSQL only"
+        );
         let data_dir = tempfile::Builder::new()
             .prefix("crm-bench-")
             .tempdir()
@@ -109,7 +152,7 @@ impl Server {
             ),
         };
         let secret = format!("bench-{}", uuid::Uuid::new_v4().simple());
-        let (child, base_url) = spawn(data_dir.path(), pg.as_ref(), &secret).await?;
+        let (child, base_url) = spawn(process, data_dir.path(), pg.as_ref(), &secret).await?;
         let token = issue_token(data_dir.path(), &secret).await?;
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(1024)
@@ -118,6 +161,7 @@ impl Server {
         Ok(Server {
             child,
             backend,
+            process,
             target: Target {
                 base_url,
                 token,
@@ -167,7 +211,13 @@ impl Server {
     /// committed) and starts it again on the same store.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.child.kill().await.context("stopping crm serve")?;
-        let (child, base_url) = spawn(self.data_dir.path(), self.pg.as_ref(), &self.secret).await?;
+        let (child, base_url) = spawn(
+            self.process,
+            self.data_dir.path(),
+            self.pg.as_ref(),
+            &self.secret,
+        )
+        .await?;
         self.child = child;
         self.target.base_url = base_url;
         Ok(())
@@ -246,15 +296,17 @@ pub struct Memory {
 }
 
 async fn spawn(
+    process: Process,
     data_dir: &Path,
     pg: Option<&PgTestDb>,
     secret: &str,
 ) -> anyhow::Result<(Child, String)> {
     let mut command = Command::new(crm_binary()?);
+    command.arg(process.subcommand());
+    if process == Process::Serve {
+        command.arg("--data-dir").arg(data_dir);
+    }
     command
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(data_dir)
         .arg("--http-addr")
         .arg("127.0.0.1:0")
         .env("CRM_TOKEN_SECRET", secret)
@@ -267,19 +319,21 @@ async fn spawn(
     if let Some(db) = pg {
         command.env("CRM_DATABASE_URL", &db.url);
     }
-    let mut child = command.spawn().context("spawning crm serve")?;
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("spawning crm {}", process.subcommand()))?;
     let stdout = child.stdout.take().context("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let base_url = tokio::time::timeout(Duration::from_secs(600), async {
         while let Some(line) = lines.next_line().await? {
-            if let Some(address) = line.strip_prefix("crm listening on ") {
+            if let Some(address) = line.strip_prefix(process.listening()) {
                 return Ok(address.trim().to_string());
             }
         }
-        bail!("crm serve exited before listening")
+        bail!("crm {} exited before listening", process.subcommand())
     })
     .await
-    .context("crm serve did not start within 600 s")??;
+    .with_context(|| format!("crm {} did not start within 600 s", process.subcommand()))??;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok((child, base_url))
 }

@@ -27,6 +27,9 @@ fn every_scenario_runs_and_reports_without_errors() {
     for section in [
         "(a) Direct event-row inserts",
         "crm serve on PostgreSQL",
+        "crm command-service alone on PostgreSQL",
+        "direct insert, 1 row/tx, position from log_head",
+        "reading the log alone as a rebuild does",
         "(b) Opportunity updates by stream length",
         "crm serve on embedded SQLite",
         "## Targets",
@@ -51,7 +54,7 @@ fn every_scenario_runs_and_reports_without_errors() {
         .filter(|cells| cells.len() == 8)
         .collect();
     assert!(
-        runs.len() >= 15,
+        runs.len() >= 17,
         "expected every run in the report, found {}:\n{stdout}",
         runs.len()
     );
