@@ -330,23 +330,14 @@ impl Columns {
         conn: &mut PgConnection,
         positions: Positions,
     ) -> Result<(), sqlx::Error> {
-        if positions == Positions::LogHead {
-            sqlx::query(INSERT_ONE_AT_HEAD)
-                .bind(self.event_ids[0])
-                .bind(TENANT)
-                .bind(STREAM_TYPE)
-                .bind(&self.stream_ids[0])
-                .bind(self.versions[0])
-                .bind(EVENT_TYPE)
-                .bind(SCHEMA_VERSION)
-                .bind(&self.payloads[0])
-                .bind(&self.metadata[0])
-                .bind(self.recorded_at[0])
-                .execute(conn)
-                .await?;
-        } else if self.positions.len() == 1 {
-            sqlx::query(INSERT_ONE)
-                .bind(self.positions[0])
+        if self.positions.len() == 1 {
+            // The position is INSERT_ONE's first parameter; log_head hands it
+            // out in INSERT_ONE_AT_HEAD, whose parameters are the rest.
+            let query = match positions {
+                Positions::Counter => sqlx::query(INSERT_ONE).bind(self.positions[0]),
+                Positions::LogHead => sqlx::query(INSERT_ONE_AT_HEAD),
+            };
+            query
                 .bind(self.event_ids[0])
                 .bind(TENANT)
                 .bind(STREAM_TYPE)

@@ -160,6 +160,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Registers the dataset's accounts on `server` and warms `clients` clients
+/// up (a 2 s closed loop); on PostgreSQL the timed runs then start on fresh
+/// planner statistics (see `Server::analyze`).
+async fn warmed_up(
+    server: &Server,
+    data: &Dataset,
+    clients: usize,
+    seed: u64,
+) -> anyhow::Result<(Arc<World>, Fleet)> {
+    let world = World::register(&server.target, data.clone()).await?;
+    let mut fleet = Fleet::new(&world, clients, seed);
+    fleet
+        .closed_loop(&server.target, Duration::from_secs(2), "warm-up")
+        .await?;
+    server.analyze().await?;
+    Ok((world, fleet))
+}
+
 /// The direct-insert runs the PostgreSQL section compares with.
 struct Direct {
     /// One row per transaction, positions from a counter (the target's baseline).
@@ -178,13 +196,7 @@ async fn postgres(
     report.heading("crm serve on PostgreSQL: HTTP commands, projection lag, queries");
     let server = Server::start(Backend::Postgres).await?;
     let target = server.target.clone();
-    let world = World::register(&target, data.clone()).await?;
-    let mut fleet = Fleet::new(&world, args.clients, 1);
-    fleet
-        .closed_loop(&target, Duration::from_secs(2), "warm-up")
-        .await?;
-    // Each timed run starts on fresh planner statistics (see `Server::analyze`).
-    server.analyze().await?;
+    let (world, mut fleet) = warmed_up(&server, data, args.clients, 1).await?;
     let peak = fleet
         .closed_loop(&target, args.duration(), "commands, closed loop (peak)")
         .await?;
@@ -271,12 +283,7 @@ async fn commands_alone(
     report.heading("crm command-service alone on PostgreSQL: the command path without read models");
     let server = Server::start_command_service().await?;
     let target = server.target.clone();
-    let world = World::register(&target, data.clone()).await?;
-    let mut fleet = Fleet::new(&world, args.clients, 1);
-    fleet
-        .closed_loop(&target, Duration::from_secs(2), "warm-up")
-        .await?;
-    server.analyze().await?;
+    let (_, mut fleet) = warmed_up(&server, data, args.clients, 1).await?;
     let alone = fleet
         .closed_loop(
             &target,
@@ -418,11 +425,7 @@ async fn sqlite(args: &Args, data: &Dataset, report: &mut Report) -> anyhow::Res
     report.heading("crm serve on embedded SQLite: HTTP commands, queries, memory, rebuild");
     let mut server = Server::start(Backend::Sqlite).await?;
     let target = server.target.clone();
-    let world = World::register(&target, data.clone()).await?;
-    let mut fleet = Fleet::new(&world, args.clients, 1001);
-    fleet
-        .closed_loop(&target, Duration::from_secs(2), "warm-up")
-        .await?;
+    let (world, mut fleet) = warmed_up(&server, data, args.clients, 1001).await?;
     let peak = fleet
         .closed_loop(&target, args.duration(), "commands, closed loop (peak)")
         .await?;

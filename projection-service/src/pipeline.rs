@@ -24,6 +24,8 @@ use crm_domain::opportunity::OpportunityEvent;
 use crm_domain::pipeline::{self as pipedef, CLOSED_LOST, CLOSED_WON, DEFAULT_PIPELINE};
 use crm_domain::Money;
 use crm_eventlog::RecordedEvent;
+use futures::stream::BoxStream;
+use futures::TryStreamExt;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
@@ -717,12 +719,20 @@ impl Filter {
         }
     }
 
-    async fn fetch(&self, db: &ReadDb, sql: &str) -> Result<Vec<AnyRow>, sqlx::Error> {
+    /// The rows of `sql` with the values bound, as they arrive: the callers
+    /// fold them, so a board or forecast over every open deal holds a few
+    /// rows at a time, not all of them (a million-event store's board held
+    /// tens of MiB of rows per computation).
+    fn rows<'a>(
+        &'a self,
+        db: &'a ReadDb,
+        sql: &'a str,
+    ) -> BoxStream<'a, Result<AnyRow, sqlx::Error>> {
         let mut q = sqlx::query(sql);
         for v in &self.values {
             q = q.bind(v.clone());
         }
-        q.fetch_all(&db.pool).await
+        q.fetch(&db.pool)
     }
 }
 
@@ -735,31 +745,30 @@ struct OpenRow {
     expected_close: String,
 }
 
-async fn open_rows(
+/// Hands every open opportunity `filter` selects to `each`, one at a time.
+async fn for_each_open_row(
     db: &ReadDb,
     tables: &Tables,
     filter: Filter,
-) -> Result<Vec<OpenRow>, sqlx::Error> {
+    mut each: impl FnMut(OpenRow),
+) -> Result<(), sqlx::Error> {
     let sql = format!(
         "SELECT owner, stage, probability, amount, currency, expected_close FROM {}{}",
         tables.t(OPPORTUNITIES),
         filter.sql()
     );
-    filter
-        .fetch(db, &sql)
-        .await?
-        .iter()
-        .map(|r| {
-            Ok(OpenRow {
-                owner: r.try_get("owner")?,
-                stage: r.try_get("stage")?,
-                probability: r.try_get("probability")?,
-                amount: parse_amount(&r.try_get::<String, _>("amount")?)?,
-                currency: r.try_get("currency")?,
-                expected_close: r.try_get("expected_close")?,
-            })
-        })
-        .collect()
+    let mut rows = filter.rows(db, &sql);
+    while let Some(r) = rows.try_next().await? {
+        each(OpenRow {
+            owner: r.try_get("owner")?,
+            stage: r.try_get("stage")?,
+            probability: r.try_get("probability")?,
+            amount: parse_amount(&r.try_get::<String, _>("amount")?)?,
+            currency: r.try_get("currency")?,
+            expected_close: r.try_get("expected_close")?,
+        });
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------------ board
@@ -814,45 +823,54 @@ pub async fn board(
     if let Some(owner) = &query.owner {
         filter.push(|n| format!("owner = ${n}"), owner.clone());
     }
-    let rows = open_rows(db, tables, filter).await?;
+    let (mut total, mut weight, mut count) = (Totals::default(), Totals::default(), 0);
+    let mut by_stage: HashMap<String, StageAcc> = HashMap::new();
+    for_each_open_row(db, tables, filter, |r| {
+        count += 1;
+        total.add(&r.currency, r.amount);
+        weight.add(&r.currency, weighted(r.amount, r.probability));
+        by_stage
+            .entry(r.stage.clone())
+            .or_insert_with(|| StageAcc::first_seen(r.probability))
+            .add(&r);
+    })
+    .await?;
     // The pipeline's open stages in order (empty ones too), then any other
     // stage found on open rows, alphabetically.
     let def = pipedef::find(&pipeline);
     let mut order: Vec<String> = def
         .map(|d| d.open_stages().map(|s| s.key.clone()).collect())
         .unwrap_or_default();
-    let extra: BTreeSet<String> = rows
-        .iter()
-        .filter(|r| !order.contains(&r.stage))
-        .map(|r| r.stage.clone())
+    let extra: BTreeSet<String> = by_stage
+        .keys()
+        .filter(|stage| !order.contains(stage))
+        .cloned()
         .collect();
     order.extend(extra);
-    let mut stages = Vec::new();
-    let (mut total, mut weight) = (Totals::default(), Totals::default());
-    for stage in order {
-        let (mut t, mut w, mut count) = (Totals::default(), Totals::default(), 0);
-        let mut probability = def.and_then(|d| d.probability(&stage)).map(i64::from);
-        for r in rows.iter().filter(|r| r.stage == stage) {
-            count += 1;
-            t.add(&r.currency, r.amount);
-            w.add(&r.currency, weighted(r.amount, r.probability));
-            total.add(&r.currency, r.amount);
-            weight.add(&r.currency, weighted(r.amount, r.probability));
-            probability.get_or_insert(r.probability);
-        }
-        stages.push(BoardStage {
-            stage,
-            probability: probability.unwrap_or(0),
-            count,
-            total: t.views(),
-            weighted: w.views(),
-        });
-    }
+    let stages = order
+        .into_iter()
+        .map(|stage| {
+            let acc = by_stage.remove(&stage).unwrap_or_default();
+            // The pipeline's own probability; else the first deal's found in the stage.
+            let probability = def
+                .and_then(|d| d.probability(&stage))
+                .map(i64::from)
+                .or(acc.first_probability)
+                .unwrap_or(0);
+            BoardStage {
+                stage,
+                probability,
+                count: acc.count,
+                total: acc.total.views(),
+                weighted: acc.weighted.views(),
+            }
+        })
+        .collect();
     Ok(BoardView {
         pipeline,
         owner: query.owner.clone(),
         stages,
-        count: rows.len() as i64,
+        count,
         total: total.views(),
         weighted: weight.views(),
     })
@@ -895,6 +913,33 @@ pub struct ForecastBucket {
     pub pipeline: Vec<MoneyView>,
     /// Probability-weighted amount of all open opportunities.
     pub weighted: Vec<MoneyView>,
+}
+
+/// The open deals of one board stage, summed as they are read.
+#[derive(Default)]
+struct StageAcc {
+    count: i64,
+    total: Totals,
+    weighted: Totals,
+    /// The probability of the first deal read in this stage (used when the
+    /// pipeline does not define the stage).
+    first_probability: Option<i64>,
+}
+
+impl StageAcc {
+    fn first_seen(probability: i64) -> Self {
+        Self {
+            first_probability: Some(probability),
+            ..Self::default()
+        }
+    }
+
+    fn add(&mut self, r: &OpenRow) {
+        self.count += 1;
+        self.total.add(&r.currency, r.amount);
+        self.weighted
+            .add(&r.currency, weighted(r.amount, r.probability));
+    }
 }
 
 #[derive(Default)]
@@ -951,16 +996,16 @@ pub async fn forecast(
     if let Some(to) = query.to {
         filter.push(|n| format!("expected_close <= ${n}"), to.to_string());
     }
-    let rows = open_rows(db, tables, filter).await?;
     let mut by_month: BTreeMap<String, ForecastAcc> = BTreeMap::new();
     let mut by_owner: BTreeMap<String, ForecastAcc> = BTreeMap::new();
     let mut total = ForecastAcc::default();
-    for r in &rows {
+    for_each_open_row(db, tables, filter, |r| {
         let month = r.expected_close.get(..7).unwrap_or(&r.expected_close);
-        by_month.entry(month.to_string()).or_default().add(r);
-        by_owner.entry(r.owner.clone()).or_default().add(r);
-        total.add(r);
-    }
+        by_month.entry(month.to_string()).or_default().add(&r);
+        by_owner.entry(r.owner.clone()).or_default().add(&r);
+        total.add(&r);
+    })
+    .await?;
     Ok(ForecastView {
         owner: query.owner.clone(),
         from: query.from,
@@ -1119,7 +1164,8 @@ pub async fn analytics(
             c.opened_at, c.closed_at, c.close_amount, c.close_currency FROM {c} c{where_sql}"
     );
     let mut deals: BTreeMap<String, (i64, ClosedDeal)> = BTreeMap::new();
-    for r in filter.fetch(db, &closes_sql).await? {
+    let mut rows = filter.rows(db, &closes_sql);
+    while let Some(r) = rows.try_next().await? {
         let seq: i64 = r.try_get("seq")?;
         let close_amount: Option<String> = r.try_get("close_amount")?;
         let close_currency: Option<String> = r.try_get("close_currency")?;
@@ -1152,7 +1198,9 @@ pub async fn analytics(
          ORDER BY h.opportunity_id, h.seq"
     );
     let mut visits: HashMap<String, Vec<Visit>> = HashMap::new();
-    for r in filter.fetch(db, &history_sql).await? {
+    drop(rows);
+    let mut rows = filter.rows(db, &history_sql);
+    while let Some(r) = rows.try_next().await? {
         let id: String = r.try_get("opportunity_id")?;
         let seq: i64 = r.try_get("seq")?;
         let close_seq: i64 = r.try_get("close_seq")?;
