@@ -828,16 +828,7 @@ fn decide<'a>(
             .rev()
             .find(|(sl, _)| *sl == slot)
             .map_or(versions[slot], |(_, v)| *v);
-        if let Some(expected) = s.expected_version.pinned() {
-            if expected != current {
-                return Err(LogError::Conflict {
-                    stream_type: s.stream_type.clone(),
-                    stream_id: s.stream_id.clone(),
-                    expected,
-                    actual: current,
-                });
-            }
-        }
+        s.check_version(current)?;
         let new = current + s.events.len() as i64;
         running.push((slot, new));
         last_versions[j] = new;

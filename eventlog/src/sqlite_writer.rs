@@ -332,16 +332,7 @@ impl GroupPlan {
                 .map(|((_, base), share)| base + share.events.len() as i64)
                 .next_back()
                 .unwrap_or_else(|| current.get(&key).copied().unwrap_or(0));
-            if let Some(expected) = s.expected_version.pinned() {
-                if expected != version {
-                    return Err(LogError::Conflict {
-                        stream_type: s.stream_type.clone(),
-                        stream_id: s.stream_id.clone(),
-                        expected,
-                        actual: version,
-                    });
-                }
-            }
+            s.check_version(version)?;
             bases.push((key, version));
         }
         let recorded_at = now_micros();

@@ -30,6 +30,23 @@ pub struct StreamAppend {
     pub events: Vec<NewEvent>,
 }
 
+impl StreamAppend {
+    /// The optimistic concurrency check against the stream's `actual`
+    /// version before this append: a `Conflict` naming the stream when the
+    /// expectation pins another version.
+    pub(crate) fn check_version(&self, actual: i64) -> Result<(), crate::LogError> {
+        match self.expected_version.pinned() {
+            Some(expected) if expected != actual => Err(crate::LogError::Conflict {
+                stream_type: self.stream_type.clone(),
+                stream_id: self.stream_id.clone(),
+                expected,
+                actual,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Optimistic concurrency check for a stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ExpectedVersion {

