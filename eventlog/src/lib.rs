@@ -23,6 +23,7 @@ mod postgres;
 pub mod relay;
 mod rows;
 mod sqlite;
+mod sqlite_reader;
 mod sqlite_writer;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -1,4 +1,5 @@
-//! SQLite backend: a read pool (sqlx) and one writer, the group commit of
+//! SQLite backend: a read pool (sqlx), the bulk reads of
+//! [`crate::sqlite_reader`], and one writer, the group commit of
 //! [`crate::sqlite_writer`], on a thread of its own.
 //!
 //! Durability: `journal_mode=WAL`, `synchronous=FULL`: an append is acknowledged only after its
@@ -16,7 +17,8 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::rows::{self, EVENT_COLUMNS, IDEMPOTENCY_COLUMNS};
+use crate::rows::{self, IDEMPOTENCY_COLUMNS};
+use crate::sqlite_reader::BulkReader;
 use crate::sqlite_writer::{self, WriteOp};
 use crate::{
     bump_head, AppendBatch, AppendOutcome, IdempotencyRecord, LogError, RecordedEvent,
@@ -46,6 +48,7 @@ fn tune(opts: SqliteConnectOptions) -> SqliteConnectOptions {
 
 pub(crate) struct SqliteStore {
     pub(crate) read: SqlitePool,
+    bulk: BulkReader,
     writer: Mutex<Option<mpsc::Sender<WriteOp>>>,
     /// Told when the writer thread has answered everything and closed its connection.
     writer_done: Mutex<Option<oneshot::Receiver<()>>>,
@@ -82,6 +85,7 @@ impl SqliteStore {
         })?;
         Ok(Self {
             read,
+            bulk: BulkReader::new(opts.get_filename(), BUSY_TIMEOUT),
             writer: Mutex::new(Some(tx)),
             writer_done: Mutex::new(Some(writer_done)),
         })
@@ -129,21 +133,9 @@ impl SqliteStore {
         after_version: i64,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, LogError> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE tenant_id = ? AND stream_type = ? \
-             AND stream_id = ? AND version > ? ORDER BY version LIMIT ?"
-        );
-        sqlx::query(&sql)
-            .bind(tenant)
-            .bind(stream_type)
-            .bind(stream_id)
-            .bind(after_version)
-            .bind(limit.max(0))
-            .fetch_all(&self.read)
-            .await?
-            .iter()
-            .map(rows::sqlite_event)
-            .collect()
+        self.bulk
+            .read_stream(tenant, stream_type, stream_id, after_version, limit)
+            .await
     }
 
     pub(crate) async fn read_all(
@@ -151,18 +143,7 @@ impl SqliteStore {
         after_position: i64,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, LogError> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ? \
-             ORDER BY global_position LIMIT ?"
-        );
-        sqlx::query(&sql)
-            .bind(after_position)
-            .bind(limit.max(0))
-            .fetch_all(&self.read)
-            .await?
-            .iter()
-            .map(rows::sqlite_event)
-            .collect()
+        self.bulk.read_all(after_position, limit).await
     }
 
     pub(crate) async fn read_by_stream(
@@ -171,27 +152,7 @@ impl SqliteStore {
         after: Option<&StreamCursor>,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, LogError> {
-        // The row-value comparison walks the (tenant, stream type, stream id,
-        // version) unique index from the cursor on; from the start too (a
-        // start without it sorts the whole log for the first page).
-        let start = StreamCursor::before_all();
-        let cursor = after.unwrap_or(&start);
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE (tenant_id, stream_type, stream_id, version) > (?, ?, ?, ?) AND global_position <= ? ORDER BY tenant_id, stream_type, stream_id, version LIMIT ?"
-        );
-        let query = sqlx::query(&sql)
-            .bind(&cursor.tenant_id)
-            .bind(&cursor.stream_type)
-            .bind(&cursor.stream_id)
-            .bind(cursor.version)
-            .bind(up_to)
-            .bind(limit.max(0));
-        query
-            .fetch_all(&self.read)
-            .await?
-            .iter()
-            .map(rows::sqlite_event)
-            .collect()
+        self.bulk.read_by_stream(up_to, after, limit).await
     }
 
     pub(crate) async fn read_stream_type(
@@ -201,20 +162,9 @@ impl SqliteStore {
         after_position: i64,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, LogError> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE tenant_id = ? AND stream_type = ? \
-             AND global_position > ? ORDER BY global_position LIMIT ?"
-        );
-        sqlx::query(&sql)
-            .bind(tenant)
-            .bind(stream_type)
-            .bind(after_position)
-            .bind(limit.max(0))
-            .fetch_all(&self.read)
-            .await?
-            .iter()
-            .map(rows::sqlite_event)
-            .collect()
+        self.bulk
+            .read_stream_type(tenant, stream_type, after_position, limit)
+            .await
     }
 
     pub(crate) async fn stream_version(
@@ -291,6 +241,7 @@ impl SqliteStore {
                 tracing::error!("event log writer thread ended without closing");
             }
         }
+        self.bulk.close();
         self.read.close().await;
     }
 }

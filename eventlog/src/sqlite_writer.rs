@@ -51,13 +51,25 @@ pub(crate) enum WriteOp {
 /// pool, with the log's durability settings (`synchronous=FULL`: an append is acknowledged
 /// only after its commit record is fsynced to the WAL).
 pub(crate) fn connect(filename: &Path, busy_timeout: Duration) -> Result<Connection, LogError> {
+    let conn = open(filename, busy_timeout)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+         PRAGMA temp_store = MEMORY;",
+    )
+    .map_err(database)?;
+    Ok(conn)
+}
+
+/// Opens a synchronous connection on the log's file, or joins the shared
+/// in-memory database sqlx made for it.
+pub(crate) fn open(filename: &Path, busy_timeout: Duration) -> Result<Connection, LogError> {
     let name = filename.to_string_lossy();
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_URI
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     // sqlx names an in-memory database `file:sqlx-in-memory-N` and opens it with a shared
-    // cache; the writer joins the same one.
+    // cache; the writer and the bulk readers join the same one.
     let conn = if name.starts_with("file:sqlx-in-memory-") {
         Connection::open_with_flags(
             format!("{name}?mode=memory&cache=shared"),
@@ -68,11 +80,6 @@ pub(crate) fn connect(filename: &Path, busy_timeout: Duration) -> Result<Connect
     }
     .map_err(database)?;
     conn.busy_timeout(busy_timeout).map_err(database)?;
-    conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
-         PRAGMA temp_store = MEMORY;",
-    )
-    .map_err(database)?;
     Ok(conn)
 }
 
@@ -121,7 +128,7 @@ fn run(
     }
 }
 
-fn database(e: rusqlite::Error) -> LogError {
+pub(crate) fn database(e: rusqlite::Error) -> LogError {
     LogError::Database(sqlx::Error::Protocol(format!("sqlite: {e}")))
 }
 

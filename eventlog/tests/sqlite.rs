@@ -235,3 +235,28 @@ async fn a_refused_request_leaves_its_key_free_and_a_stream_named_twice_continue
     );
     log.close().await;
 }
+
+#[tokio::test]
+async fn reads_of_events_after_close_are_refused() {
+    let (_dir, url) = sqlite_temp();
+    let log = EventLog::connect(&url).await.unwrap();
+    log.append(batch(vec![stream(
+        "lead",
+        "closing",
+        ExpectedVersion::NoStream,
+        2,
+    )]))
+    .await
+    .unwrap();
+    assert_eq!(log.read_all(0, 10).await.unwrap().len(), 2);
+    log.close().await;
+    assert!(matches!(log.read_all(0, 10).await, Err(LogError::Closed)));
+    assert!(matches!(
+        log.read_stream(T, "lead", "closing", 0, 10).await,
+        Err(LogError::Closed)
+    ));
+    assert!(matches!(
+        log.read_by_stream(i64::MAX, None, 10).await,
+        Err(LogError::Closed)
+    ));
+}

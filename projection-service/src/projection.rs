@@ -173,8 +173,8 @@ impl Placeholders {
 
 /// Rows of `columns` values each, numbered `$1..` on PostgreSQL (in row
 /// order, as each row's binds are added) or `?` on SQLite: `($1, $2), ($3,
-/// $4)`. Run such statements with `.persistent(false)`: each batch size is a
-/// statement of its own, and a connection caching every shape it met (up to
+/// $4)`. Run such statements through [`multi_row_query`]: each batch size is
+/// a statement of its own, and a connection caching every shape it met (up to
 /// 100, some with thousands of parameters) held hundreds of MiB on SQLite.
 pub fn values_placeholders(style: Placeholders, rows: usize, columns: usize) -> String {
     let mut sql = String::with_capacity(rows * columns * 5);
@@ -203,6 +203,15 @@ pub fn values_placeholders(style: Placeholders, rows: usize, columns: usize) -> 
 /// A query on the read-model database with its bound values.
 pub type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
+/// A multi-row statement of `rows` rows where `full_chunk` rows is the most
+/// one holds: prepared once and cached when full (one shape per table, the
+/// one a long fold repeats: parsing it for every statement cost an audit
+/// rebuild a sixth of its CPU), run unprepared when shorter (a shape per
+/// batch tail, not worth a cache entry).
+pub fn multi_row_query(sql: &str, rows: usize, full_chunk: usize) -> AnyQuery<'_> {
+    sqlx::query(sql).persistent(rows == full_chunk)
+}
+
 /// Writes `rows` as `INSERT INTO {into} VALUES (..), (..) {tail}`, up to
 /// `per_statement` rows per statement, `bind` binding each row's `columns`
 /// values in order (placeholders as [`values_placeholders`] makes them).
@@ -221,7 +230,7 @@ pub async fn insert_rows<T>(
             "INSERT INTO {into} VALUES {} {tail}",
             values_placeholders(style, chunk.len(), columns)
         );
-        let mut query = sqlx::query(&sql).persistent(false);
+        let mut query = multi_row_query(&sql, chunk.len(), per_statement.max(1));
         for row in chunk {
             query = bind(query, row);
         }

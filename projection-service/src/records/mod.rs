@@ -24,8 +24,8 @@ use serde_json::{json, Value};
 use sqlx::Row;
 
 use crate::projection::{
-    apply_as_batch, decode, values_placeholders, BatchError, Placeholders, Projection,
-    ProjectionError, Tables, Tx,
+    apply_as_batch, decode, multi_row_query, values_placeholders, BatchError, Placeholders,
+    Projection, ProjectionError, Tables, Tx,
 };
 use crate::readdb::{timestamp, ReadDb};
 use paging::{decode_position_cursor, encode_cursor, page_limit, parse_time, Binds};
@@ -500,7 +500,7 @@ impl Projection for RecordsProjection {
                     state = EXCLUDED.state, data = EXCLUDED.data",
                 values_placeholders(Placeholders::of(tx), chunk.len(), 12)
             );
-            let mut query = sqlx::query(&sql).persistent(false);
+            let mut query = multi_row_query(&sql, chunk.len(), ROWS_PER_UPSERT);
             for row in chunk {
                 query = query
                     .bind(row.kind.as_str())
