@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::Row;
+use uuid::Uuid;
 
 use crate::{IdempotencyRecord, LogError, RecordedEvent, StoredSnapshot};
 
@@ -24,6 +25,29 @@ pub(crate) fn text_to_ts(s: &str) -> Result<DateTime<Utc>, LogError> {
 
 pub(crate) fn status_from_i64(v: i64) -> Result<u16, LogError> {
     u16::try_from(v).map_err(|e| LogError::Database(sqlx::Error::Decode(Box::new(e))))
+}
+
+pub(crate) fn sqlite_event(row: &sqlx::sqlite::SqliteRow) -> Result<RecordedEvent, LogError> {
+    let event_id: String = row.try_get("event_id")?;
+    let payload: String = row.try_get("payload")?;
+    let metadata: String = row.try_get("metadata")?;
+    let recorded_at: String = row.try_get("recorded_at")?;
+    Ok(RecordedEvent {
+        position: row.try_get("global_position")?,
+        event_id: Uuid::parse_str(&event_id)
+            .map_err(|e| LogError::Database(sqlx::Error::Decode(Box::new(e))))?,
+        tenant_id: row.try_get("tenant_id")?,
+        stream_type: row.try_get("stream_type")?,
+        stream_id: row.try_get("stream_id")?,
+        version: row.try_get("version")?,
+        event_type: row.try_get("event_type")?,
+        schema_version: row.try_get("schema_version")?,
+        payload: serde_json::from_str(&payload)?,
+        metadata: serde_json::from_str(&metadata)?,
+        recorded_at: text_to_ts(&recorded_at)?,
+        prev_hash: row.try_get("prev_hash")?,
+        hash: row.try_get("hash")?,
+    })
 }
 
 pub(crate) fn pg_event(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, LogError> {

@@ -17,7 +17,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::rows::{self, IDEMPOTENCY_COLUMNS};
+use crate::rows::{self, EVENT_COLUMNS, IDEMPOTENCY_COLUMNS};
 use crate::sqlite_reader::BulkReader;
 use crate::sqlite_writer::{self, WriteOp};
 use crate::{
@@ -133,9 +133,21 @@ impl SqliteStore {
         after_version: i64,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, LogError> {
-        self.bulk
-            .read_stream(tenant, stream_type, stream_id, after_version, limit)
-            .await
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE tenant_id = ? AND stream_type = ? \
+             AND stream_id = ? AND version > ? ORDER BY version LIMIT ?"
+        );
+        sqlx::query(&sql)
+            .bind(tenant)
+            .bind(stream_type)
+            .bind(stream_id)
+            .bind(after_version)
+            .bind(limit.max(0))
+            .fetch_all(&self.read)
+            .await?
+            .iter()
+            .map(rows::sqlite_event)
+            .collect()
     }
 
     pub(crate) async fn read_all(

@@ -260,3 +260,35 @@ async fn reads_of_events_after_close_are_refused() {
         Err(LogError::Closed)
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn more_concurrent_reads_than_connections_all_finish() {
+    let (_dir, url) = sqlite_temp();
+    let log = EventLog::connect(&url).await.unwrap();
+    for n in 0..4 {
+        log.append(batch(vec![stream(
+            "lead",
+            &format!("busy-{n}"),
+            ExpectedVersion::NoStream,
+            3,
+        )]))
+        .await
+        .unwrap();
+    }
+    // Four times as many reads as the reader keeps connections: the rest wait their turn.
+    let reads = (0..32).map(|n| {
+        let log = log.clone();
+        tokio::spawn(async move {
+            let events = log
+                .read_stream(T, "lead", &format!("busy-{}", n % 4), 0, 10)
+                .await
+                .unwrap();
+            let all = log.read_all(0, 100).await.unwrap();
+            (events.len(), all.len())
+        })
+    });
+    for read in futures::future::join_all(reads).await {
+        assert_eq!(read.unwrap(), (3, 12));
+    }
+    log.close().await;
+}
