@@ -237,3 +237,48 @@ fn event(row: &Row<'_>) -> Result<RecordedEvent, LogError> {
         hash: get(row, 12)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The log refuses reads after `close` before they reach the reader; this
+    /// checks the reader's own refusal, and that a read waiting for a
+    /// connection is refused too instead of waiting forever.
+    #[tokio::test]
+    async fn a_closed_reader_refuses_reads_and_wakes_the_waiting_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        // Creates the file with the log's tables.
+        crate::EventLog::open_sqlite(&path)
+            .await
+            .unwrap()
+            .close()
+            .await;
+        let reader = BulkReader::new(&path, Duration::from_secs(1));
+        assert!(reader.read_all(0, 10).await.unwrap().is_empty());
+        let held = Arc::clone(&reader.inner.permits)
+            .acquire_many_owned(MAX_CONNECTIONS as u32)
+            .await
+            .unwrap();
+        let waiting = tokio::spawn({
+            let reader = reader.clone();
+            async move { reader.read_all(0, 10).await }
+        });
+        tokio::task::yield_now().await;
+        reader.close();
+        let woken = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("a read waiting for a connection is woken by close");
+        assert!(matches!(woken.unwrap(), Err(LogError::Closed)));
+        drop(held);
+        assert!(matches!(
+            reader.read_all(0, 10).await,
+            Err(LogError::Closed)
+        ));
+        assert!(matches!(
+            reader.read_by_stream(i64::MAX, None, 10).await,
+            Err(LogError::Closed)
+        ));
+    }
+}
