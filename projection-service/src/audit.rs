@@ -490,7 +490,7 @@ impl Projection for AuditProjection {
                 query
                     .bind(*position)
                     .bind(*seq)
-                    .bind(change.field.clone())
+                    .bind(change.field.as_str())
                     .bind(change.old.to_string())
                     .bind(change.new.to_string())
             },
@@ -558,25 +558,25 @@ impl EntryRow {
         }
     }
 
-    fn bind<'q>(&self, query: AnyQuery<'q>) -> AnyQuery<'q> {
+    fn bind<'q>(&'q self, query: AnyQuery<'q>) -> AnyQuery<'q> {
         query
             .bind(self.position)
-            .bind(self.event_id.clone())
-            .bind(self.recorded_at.clone())
-            .bind(self.occurred_at.clone())
-            .bind(self.actor.clone())
-            .bind(self.roles.clone())
-            .bind(self.command.clone())
-            .bind(self.command_id.clone())
-            .bind(self.stream_type.clone())
-            .bind(self.stream_id.clone())
+            .bind(self.event_id.as_str())
+            .bind(self.recorded_at.as_str())
+            .bind(self.occurred_at.as_deref())
+            .bind(self.actor.as_deref())
+            .bind(self.roles.as_str())
+            .bind(self.command.as_deref())
+            .bind(self.command_id.as_deref())
+            .bind(self.stream_type.as_str())
+            .bind(self.stream_id.as_str())
             .bind(self.version)
-            .bind(self.event_type.clone())
-            .bind(self.correlation_id.clone())
-            .bind(self.causation_id.clone())
-            .bind(self.request_id.clone())
-            .bind(self.client.clone())
-            .bind(self.changes.clone())
+            .bind(self.event_type.as_str())
+            .bind(self.correlation_id.as_deref())
+            .bind(self.causation_id.as_deref())
+            .bind(self.request_id.as_deref())
+            .bind(self.client.as_deref())
+            .bind(self.changes.as_str())
     }
 }
 

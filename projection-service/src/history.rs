@@ -588,14 +588,14 @@ impl Projection for HistoryProjection {
             |query, (event, entry)| {
                 query
                     .bind(event.position)
-                    .bind(entry.occurred_at.clone())
+                    .bind(entry.occurred_at.as_str())
                     .bind(entry.kind)
-                    .bind(event.event_type.clone())
-                    .bind(event.stream_type.clone())
-                    .bind(event.stream_id.clone())
-                    .bind(entry.account_id.clone())
-                    .bind(entry.contact_id.clone())
-                    .bind(entry.summary.clone())
+                    .bind(event.event_type.as_str())
+                    .bind(event.stream_type.as_str())
+                    .bind(event.stream_id.as_str())
+                    .bind(entry.account_id.as_deref())
+                    .bind(entry.contact_id.as_deref())
+                    .bind(entry.summary.as_str())
                     .bind(json_text(event.metadata.get("actor")))
                     .bind(entry.details.to_string())
             },

@@ -179,7 +179,7 @@ impl Lookups {
         );
         let mut query = sqlx::query(&sql).persistent(false);
         for key in keys {
-            query = query.bind(key.clone());
+            query = query.bind(key.as_str());
         }
         let mut rows = Vec::new();
         for found in query.fetch_all(&mut **tx).await? {
@@ -293,7 +293,7 @@ impl Lookups {
                 |mut query, row| {
                     for (cell, (_, kind)) in row.cells.iter().zip(table.columns) {
                         query = match (cell, kind) {
-                            (Cell::Text(text), _) => query.bind(text.clone()),
+                            (Cell::Text(text), _) => query.bind(text.as_str()),
                             (Cell::Int(number), _) => query.bind(*number),
                             (Cell::Null, Kind::Text) => query.bind(None::<String>),
                             (Cell::Null, Kind::Int) => query.bind(None::<i64>),

@@ -602,11 +602,11 @@ impl BatchFold {
             &visits,
             |query, (id, visit)| {
                 query
-                    .bind((*id).clone())
+                    .bind(id.as_str())
                     .bind(visit.seq)
-                    .bind(visit.stage.clone())
-                    .bind(visit.entered_at.clone())
-                    .bind(visit.left_at.clone())
+                    .bind(visit.stage.as_str())
+                    .bind(visit.entered_at.as_str())
+                    .bind(visit.left_at.as_deref())
             },
         )
         .await?;
@@ -628,17 +628,17 @@ impl BatchFold {
             &closes,
             |query, (id, close)| {
                 query
-                    .bind((*id).clone())
+                    .bind(id.as_str())
                     .bind(close.seq)
                     .bind(close.outcome)
-                    .bind(close.owner.clone())
-                    .bind(close.pipeline.clone())
-                    .bind(close.stage_before_close.clone())
-                    .bind(close.opened_at.clone())
-                    .bind(close.closed_at.clone())
-                    .bind(close.close_amount.clone())
-                    .bind(close.close_currency.clone())
-                    .bind(close.reopened_at.clone())
+                    .bind(close.owner.as_str())
+                    .bind(close.pipeline.as_str())
+                    .bind(close.stage_before_close.as_str())
+                    .bind(close.opened_at.as_str())
+                    .bind(close.closed_at.as_str())
+                    .bind(close.close_amount.as_deref())
+                    .bind(close.close_currency.as_deref())
+                    .bind(close.reopened_at.as_deref())
             },
         )
         .await?;

@@ -24,8 +24,7 @@ use serde_json::{json, Value};
 use sqlx::Row;
 
 use crate::projection::{
-    apply_as_batch, decode, multi_row_query, values_placeholders, BatchError, Placeholders,
-    Projection, ProjectionError, Tables, Tx,
+    apply_as_batch, decode, insert_rows, BatchError, Projection, ProjectionError, Tables, Tx,
 };
 use crate::readdb::{timestamp, ReadDb};
 use paging::{decode_position_cursor, encode_cursor, page_limit, parse_time, Binds};
@@ -489,35 +488,38 @@ impl Projection for RecordsProjection {
                 rows.push(row);
             }
         }
-        for chunk in rows.chunks(ROWS_PER_UPSERT) {
-            let sql = format!(
-                "INSERT INTO {records} (kind, id, owner, stage, status, account_id, version, created_at, updated_at,
-                    updated_position, state, data)
-                 VALUES {}
-                 ON CONFLICT (kind, id) DO UPDATE SET owner = EXCLUDED.owner, stage = EXCLUDED.stage,
-                    status = EXCLUDED.status, account_id = EXCLUDED.account_id, version = EXCLUDED.version,
-                    updated_at = EXCLUDED.updated_at, updated_position = EXCLUDED.updated_position,
-                    state = EXCLUDED.state, data = EXCLUDED.data",
-                values_placeholders(Placeholders::of(tx), chunk.len(), 12)
-            );
-            let mut query = multi_row_query(&sql, chunk.len(), ROWS_PER_UPSERT);
-            for row in chunk {
-                query = query
+        let into = format!(
+            "{records} (kind, id, owner, stage, status, account_id, version, created_at, updated_at,
+                updated_position, state, data)"
+        );
+        insert_rows(
+            tx,
+            &into,
+            "ON CONFLICT (kind, id) DO UPDATE SET owner = EXCLUDED.owner, stage = EXCLUDED.stage,
+                status = EXCLUDED.status, account_id = EXCLUDED.account_id, version = EXCLUDED.version,
+                updated_at = EXCLUDED.updated_at, updated_position = EXCLUDED.updated_position,
+                state = EXCLUDED.state, data = EXCLUDED.data",
+            12,
+            ROWS_PER_UPSERT,
+            &rows,
+            |query, row| {
+                query
                     .bind(row.kind.as_str())
-                    .bind(row.id.clone())
-                    .bind(row.columns.owner.clone())
-                    .bind(row.columns.stage.clone())
-                    .bind(row.columns.status.clone())
-                    .bind(row.columns.account_id.clone())
+                    .bind(row.id.as_str())
+                    .bind(row.columns.owner.as_deref())
+                    .bind(row.columns.stage.as_deref())
+                    .bind(row.columns.status.as_deref())
+                    .bind(row.columns.account_id.as_deref())
                     .bind(row.version)
-                    .bind(row.created_at.clone())
-                    .bind(row.updated_at.clone())
+                    .bind(row.created_at.as_str())
+                    .bind(row.updated_at.as_str())
                     .bind(row.updated_position)
-                    .bind(row.state.clone())
-                    .bind(row.columns.data.to_string());
-            }
-            query.execute(&mut **tx).await.map_err(whole_batch)?;
-        }
+                    .bind(row.state.as_str())
+                    .bind(row.columns.data.to_string())
+            },
+        )
+        .await
+        .map_err(whole_batch)?;
         Ok(())
     }
 }
