@@ -409,7 +409,7 @@ pub async fn paced_queries(
         let path = paths[n % paths.len()].clone();
         let sender = sender.clone();
         tokio::spawn(async move {
-            let outcome = target.get(&path).await.map(|_| due.elapsed());
+            let outcome = target.get_unparsed(&path).await.map(|_| due.elapsed());
             drop(permit);
             let _ = sender.send(outcome);
         });

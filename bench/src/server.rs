@@ -109,6 +109,36 @@ impl Target {
         }
         Ok(body)
     }
+
+    /// GET `path` and read its whole body, without parsing it: the query runs
+    /// time the service to its answer's last byte. Parsing a 32 KB timeline
+    /// page into a JSON tree is the client's own work, and on a 2-CPU machine
+    /// it took the CPUs the service was being measured on. A non-2xx answer,
+    /// or a body that is not a JSON object, is an error.
+    pub async fn get_unparsed(&self, path: &str) -> anyhow::Result<usize> {
+        let response = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("GET {path}"))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .with_context(|| format!("GET {path}: reading the body"))?;
+        if !status.is_success() {
+            bail!("GET {path}: {status} {}", String::from_utf8_lossy(&body));
+        }
+        if !(body.starts_with(b"{") && body.ends_with(b"}")) {
+            bail!(
+                "GET {path}: {status} with a body that is not a JSON object ({} bytes)",
+                body.len()
+            );
+        }
+        Ok(body.len())
+    }
 }
 
 /// A running `crm serve` (or `crm command-service`), stopped and cleaned up
