@@ -93,15 +93,18 @@ impl Target {
         format!("{}{path}", self.base_url)
     }
 
-    /// GET `path` as JSON; a non-2xx answer is an error.
-    pub async fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        let response = self
-            .http
+    async fn send_get(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        self.http
             .get(self.url(path))
             .bearer_auth(&self.token)
             .send()
             .await
-            .with_context(|| format!("GET {path}"))?;
+            .with_context(|| format!("GET {path}"))
+    }
+
+    /// GET `path` as JSON; a non-2xx answer is an error.
+    pub async fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let response = self.send_get(path).await?;
         let status = response.status();
         let body: serde_json::Value = response.json().await.unwrap_or_default();
         if !status.is_success() {
@@ -116,13 +119,7 @@ impl Target {
     /// it took the CPUs the service was being measured on. A non-2xx answer,
     /// or a body that is not a JSON object, is an error.
     pub async fn get_unparsed(&self, path: &str) -> anyhow::Result<usize> {
-        let response = self
-            .http
-            .get(self.url(path))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("GET {path}"))?;
+        let response = self.send_get(path).await?;
         let status = response.status();
         let body = response
             .bytes()
