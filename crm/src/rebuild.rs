@@ -16,6 +16,10 @@ pub struct RebuildArgs {
     data_dir: PathBuf,
     #[arg(long, env = "CRM_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// The read models' database, when not the log's (as the distributed
+    /// services take it); needs `--database-url`.
+    #[arg(long, env = "CRM_READ_DATABASE_URL", hide_env_values = true)]
+    read_database_url: Option<String>,
 }
 
 pub async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
@@ -35,7 +39,16 @@ pub async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
             names.join(", ")
         );
     }
-    let (log, db) = crate::stores::open(&args.data_dir, args.database_url.as_deref()).await?;
+    let (log, db) = match (&args.database_url, &args.read_database_url) {
+        (_, None) => crate::stores::open(&args.data_dir, args.database_url.as_deref()).await?,
+        (Some(log_url), Some(read_url)) => crate::stores::connect(log_url, read_url).await?,
+        // Rebuilding beside an embedded log would fill a database no `crm
+        // serve` reads from.
+        (None, Some(_)) => bail!(
+            "--read-database-url (CRM_READ_DATABASE_URL) needs --database-url \
+             (CRM_DATABASE_URL): the embedded store keeps its read models beside its log"
+        ),
+    };
     let style = ProgressStyle::with_template(
         "{prefix:>14} [{bar:30}] {pos}/{len} events  {per_sec}  ETA {eta}",
     )?

@@ -21,14 +21,7 @@ pub async fn open(
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     Ok(match database_url {
-        Some(url) => (
-            EventLog::connect(url)
-                .await
-                .context("connecting to the event log")?,
-            ReadDb::connect(url)
-                .await
-                .context("connecting to the read-model database")?,
-        ),
+        Some(url) => connect(url, url).await?,
         None => (
             EventLog::open_sqlite(&data_dir.join(LOG_FILE))
                 .await
@@ -38,4 +31,17 @@ pub async fn open(
                 .context("opening the embedded read models")?,
         ),
     })
+}
+
+/// The log at `log_url` and the read models at `read_url` (PostgreSQL, or
+/// wherever the URLs point).
+pub async fn connect(log_url: &str, read_url: &str) -> anyhow::Result<(EventLog, ReadDb)> {
+    Ok((
+        EventLog::connect(log_url)
+            .await
+            .context("connecting to the event log")?,
+        ReadDb::connect(read_url)
+            .await
+            .context("connecting to the read-model database")?,
+    ))
 }

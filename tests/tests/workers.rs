@@ -463,3 +463,101 @@ async fn partitioned_workers_over_jetstream_end_equal_to_a_fresh_rebuild() {
     commands.stop().await;
     let _ = jetstream.delete_stream(&stream).await;
 }
+
+/// Whether `table` exists in the database at `url`.
+async fn has_table(url: &str, table: &str) -> bool {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(table)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    found.is_some()
+}
+
+/// The serving generation of `projection` in the read models at `url`.
+async fn active_generation(url: &str, projection: &str) -> i64 {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let generation = sqlx::query_scalar(
+        "SELECT generation FROM rm_projections WHERE name = $1 AND state = 'active'",
+    )
+    .bind(projection)
+    .fetch_one(&pool)
+    .await
+    .unwrap_or_else(|error| panic!("no active {projection} generation: {error}"));
+    pool.close().await;
+    generation
+}
+
+/// `crm rebuild` with the read models in a database of their own (as the
+/// distributed services take them, `CRM_READ_DATABASE_URL`) rebuilds there
+/// and writes no read-model table into the log's database; without a log URL
+/// it refuses, naming both settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_fills_the_read_model_database_when_it_is_not_the_logs() {
+    let Some(log_db) = PgTestDb::create().await else {
+        return;
+    };
+    let Some(read_db) = PgTestDb::create().await else {
+        return;
+    };
+    let crm = |args: &[&str]| {
+        tokio::process::Command::new(crm_binary())
+            .args(args)
+            .env("CRM_DATABASE_URL", &log_db.url)
+            .env("CRM_READ_DATABASE_URL", &read_db.url)
+            .output()
+    };
+    let migrate = crm(&["migrate"]).await.unwrap();
+    assert!(
+        migrate.status.success(),
+        "crm migrate: {}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    assert!(
+        !has_table(&log_db.url, "rm_projections").await,
+        "migrate put the registry in the read models' database only"
+    );
+    let installed = active_generation(&read_db.url, "pipeline").await;
+
+    let rebuild = crm(&["rebuild", "pipeline"]).await.unwrap();
+    assert!(
+        rebuild.status.success(),
+        "crm rebuild pipeline: {}",
+        String::from_utf8_lossy(&rebuild.stderr)
+    );
+    let rebuilt = active_generation(&read_db.url, "pipeline").await;
+    assert!(
+        rebuilt > installed,
+        "the rebuild switched the read models' database to a new generation ({installed} -> {rebuilt})"
+    );
+    assert!(
+        String::from_utf8_lossy(&rebuild.stdout)
+            .contains(&format!("pipeline: generation {rebuilt} is serving")),
+        "{}",
+        String::from_utf8_lossy(&rebuild.stdout)
+    );
+    assert!(
+        !has_table(&log_db.url, "rm_projections").await,
+        "the rebuild wrote no read-model table into the log's database"
+    );
+
+    let data_dir = tempfile::tempdir().unwrap();
+    let embedded = tokio::process::Command::new(crm_binary())
+        .args(["rebuild", "pipeline", "--data-dir"])
+        .arg(data_dir.path())
+        .env_remove("CRM_DATABASE_URL")
+        .env("CRM_READ_DATABASE_URL", &read_db.url)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&embedded.stderr);
+    assert!(!embedded.status.success(), "refused: {stderr}");
+    assert!(
+        stderr.contains("CRM_READ_DATABASE_URL") && stderr.contains("CRM_DATABASE_URL"),
+        "{stderr}"
+    );
+    log_db.drop_db().await;
+    read_db.drop_db().await;
+}
