@@ -238,8 +238,9 @@ pub enum EnvelopeError {
 
 /// Subject of an event: `<prefix>.<tenant>.<stream_type>.<stream_id>`. Each of the three ids
 /// becomes one subject token: `.`, `*`, `>`, `%`, whitespace and control characters are
-/// percent-encoded (`acme.eu` -> `acme%2Eeu`), an empty id becomes `%00`. UUIDs and plain
-/// names pass unchanged, and distinct ids always give distinct subjects.
+/// percent-encoded (`acme.eu` -> `acme%2Eeu`), an empty id becomes a lone `%` (which no
+/// encoding makes: it writes `%` only before two hex digits; `%00` is the NUL character's).
+/// UUIDs and plain names pass unchanged, and distinct ids always give distinct subjects.
 pub fn subject(prefix: &str, event: &RecordedEvent) -> String {
     format!(
         "{prefix}.{}.{}.{}",
@@ -252,7 +253,7 @@ pub fn subject(prefix: &str, event: &RecordedEvent) -> String {
 /// One NATS subject token for an arbitrary id (see [`subject`]).
 pub fn subject_token(id: &str) -> String {
     if id.is_empty() {
-        return "%00".to_string();
+        return "%".to_string();
     }
     let mut out = String::with_capacity(id.len());
     for c in id.chars() {
@@ -948,7 +949,8 @@ mod tests {
             subject("crm", &e),
             "crm.acme%2Eeu.case.a%20b%2Ac%3Ed%25e%09f"
         );
-        assert_eq!(subject("p", &event("", "x", "y")), "p.%00.x.y");
+        assert_eq!(subject("p", &event("", "x", "y")), "p.%.x.y");
+        assert_eq!(subject("p", &event("\0", "x", "y")), "p.%00.x.y");
     }
 
     #[test]
