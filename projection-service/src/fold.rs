@@ -4,7 +4,9 @@
 
 use crm_eventlog::RecordedEvent;
 
-use crate::projection::{BatchError, Projection, ProjectionError, Tables, Tx};
+use crate::projection::{
+    table_layout, BatchError, Placeholders, Projection, ProjectionError, Tables, Tx,
+};
 use crate::readdb::{is_transient, ReadDb};
 use crate::registry::{self, Generation};
 
@@ -15,8 +17,11 @@ pub async fn create_tables(
     tables: &Tables,
 ) -> Result<(), sqlx::Error> {
     let mut tx = db.begin_write().await?;
+    let style = Placeholders::of(&tx);
     for statement in projection.schema(tables) {
-        sqlx::query(&statement).execute(&mut *tx).await?;
+        sqlx::query(&table_layout(style, &statement))
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await
 }

@@ -4,7 +4,7 @@
 use serde::Serialize;
 use sqlx::Row;
 
-use crate::projection::{Projection, Tables};
+use crate::projection::{table_layout, Placeholders, Projection, Tables};
 use crate::readdb::{timestamp, ReadDb};
 
 /// Lifecycle of a generation: `building` (rebuild in progress), `active`
@@ -176,11 +176,14 @@ pub async fn create_generation(
     .bind(generation.updated_at.clone())
     .execute(&mut *tx)
     .await?;
+    let style = Placeholders::of(&tx);
     for statement in projection.schema(&generation.tables()) {
         if indexes == Indexes::AfterLoading && is_secondary_index(&statement) {
             continue;
         }
-        sqlx::query(&statement).execute(&mut *tx).await?;
+        sqlx::query(&table_layout(style, &statement))
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(generation)
