@@ -17,6 +17,15 @@ pub enum ReadBackend {
     Postgres,
 }
 
+/// WAL pages (4 KiB each, so 64 MiB) after which a commit copies the WAL back
+/// into the read-model file. SQLite's default is 1,000: a rebuild then
+/// checkpointed every few batches, copying the B-trees' busiest pages (the
+/// rightmost leaves and their parents, rewritten by every batch) again each
+/// time and syncing the file for each. Rebuilds took 11-18 % less wall time
+/// in three alternated pairs by hand (two of history, one of audit;
+/// bench/README.md, cause 4); the WAL file stays up to this size on disk.
+const WAL_CHECKPOINT_PAGES: u32 = 16_384;
+
 /// A pool on the read-model database.
 #[derive(Clone, Debug)]
 pub struct ReadDb {
@@ -56,6 +65,12 @@ impl ReadDb {
                         connection.execute("PRAGMA journal_mode=WAL").await?;
                         connection.execute("PRAGMA synchronous=NORMAL").await?;
                         connection.execute("PRAGMA busy_timeout=10000").await?;
+                        connection
+                            .execute(
+                                format!("PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+                                    .as_str(),
+                            )
+                            .await?;
                     }
                     Ok(())
                 })
@@ -103,4 +118,24 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
 /// Timestamps in the read models: RFC 3339 UTC with microseconds, so text order is time order.
 pub fn timestamp(at: &chrono::DateTime<chrono::Utc>) -> String {
     at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Row;
+
+    #[tokio::test]
+    async fn sqlite_read_models_checkpoint_their_wal_every_64_mib() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::ReadDb::open_sqlite(&dir.path().join("read.db"))
+            .await
+            .unwrap();
+        let pages: i64 = sqlx::query("PRAGMA wal_autocheckpoint")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(pages, i64::from(super::WAL_CHECKPOINT_PAGES));
+        assert_eq!(pages * 4096, 64 << 20);
+    }
 }
