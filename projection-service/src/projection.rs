@@ -369,39 +369,49 @@ mod tests {
         }
     }
 
-    /// Statements run in the order of their rows even though each is bound
-    /// while the one before runs: with keys repeating across statements,
-    /// `DO NOTHING` keeps each key's first row.
-    async fn statements_run_in_row_order_body(db: ReadDb) {
-        let rows: Vec<(i64, String)> = (0..130).map(|n| (n % 60, format!("row {n}"))).collect();
+    /// Writes `rows` into a new table `numbers (n, label)` keyed by `n`
+    /// (`DO NOTHING` on a key met before), `per_statement` rows per
+    /// statement, and reads the table back in key order.
+    async fn write_numbers(
+        db: &ReadDb,
+        rows: &[(i64, String)],
+        per_statement: usize,
+    ) -> Vec<(i64, String)> {
         let mut tx = db.begin_write().await.unwrap();
         sqlx::query(&table_layout(
             Placeholders::of(&tx),
-            "CREATE TABLE ordered (n BIGINT PRIMARY KEY, label TEXT NOT NULL)",
+            "CREATE TABLE numbers (n BIGINT PRIMARY KEY, label TEXT NOT NULL)",
         ))
         .execute(&mut *tx)
         .await
         .unwrap();
         insert_rows(
             &mut tx,
-            "ordered (n, label)",
+            "numbers (n, label)",
             "ON CONFLICT (n) DO NOTHING",
             2,
-            25,
-            &rows,
+            per_statement,
+            rows,
             |query, (n, label)| query.bind(*n).bind(label.as_str()),
         )
         .await
         .unwrap();
         tx.commit().await.unwrap();
-        let stored: Vec<(i64, String)> = sqlx::query("SELECT n, label FROM ordered ORDER BY n")
+        sqlx::query("SELECT n, label FROM numbers ORDER BY n")
             .fetch_all(&db.pool)
             .await
             .unwrap()
             .iter()
             .map(|row| (row.get(0), row.get(1)))
-            .collect();
-        assert_eq!(stored, rows[..60].to_vec());
+            .collect()
+    }
+
+    /// Statements run in the order of their rows even though each is bound
+    /// while the one before runs: with keys repeating across statements,
+    /// `DO NOTHING` keeps each key's first row.
+    async fn statements_run_in_row_order_body(db: ReadDb) {
+        let rows: Vec<(i64, String)> = (0..130).map(|n| (n % 60, format!("row {n}"))).collect();
+        assert_eq!(write_numbers(&db, &rows, 25).await, rows[..60].to_vec());
     }
 
     on_both_backends!(
@@ -439,30 +449,6 @@ mod tests {
             .await
             .unwrap();
         let rows: Vec<(i64, String)> = (1..=120).map(|n| (n, format!("row {n}"))).collect();
-        let mut tx = db.begin_write().await.unwrap();
-        sqlx::query("CREATE TABLE numbers (n BIGINT PRIMARY KEY, label TEXT NOT NULL)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        insert_rows(
-            &mut tx,
-            "numbers (n, label)",
-            "ON CONFLICT (n) DO NOTHING",
-            2,
-            50,
-            &rows,
-            |query, (n, label)| query.bind(*n).bind(label.as_str()),
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
-        let stored: Vec<(i64, String)> = sqlx::query("SELECT n, label FROM numbers ORDER BY n")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| (row.get(0), row.get(1)))
-            .collect();
-        assert_eq!(stored, rows);
+        assert_eq!(write_numbers(&db, &rows, 50).await, rows);
     }
 }
