@@ -352,10 +352,11 @@ mod tests {
         let tables = Tables::new("lookups_test", 1);
         let things = tables.t("things");
         let mut tx = db.begin_write().await.unwrap();
-        let create = format!("CREATE TABLE {things} (id TEXT PRIMARY KEY, name TEXT NOT NULL, note TEXT, count BIGINT NOT NULL)");
-        // As a generation's tables are made.
-        let create = crate::projection::table_layout(Placeholders::of(&tx), &create).into_owned();
-        sql(&mut tx, create).await;
+        sql(
+            &mut tx,
+            format!("CREATE TABLE {things} (id TEXT PRIMARY KEY, name TEXT NOT NULL, note TEXT, count BIGINT NOT NULL)"),
+        )
+        .await;
         sql(
             &mut tx,
             format!("INSERT INTO {things} VALUES ('a', 'A', 'kept', 1)"),

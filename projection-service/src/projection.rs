@@ -263,15 +263,17 @@ pub async fn insert_rows<T>(
     };
     // Each text once per call, not per chunk: formatting hundreds of
     // placeholders for every 50 rows was a thirtieth of a history rebuild.
-    // Only the last chunk can be short.
-    let full_size = (rows.len() >= per_statement).then(|| statement(per_statement));
-    let short = rows.len() % per_statement;
-    let short_size = (short > 0).then(|| statement(short));
-    let text_for = |chunk: &[T]| match (&full_size, &short_size) {
-        (Some(full), _) if chunk.len() == per_statement => full.as_str(),
-        (_, Some(short)) => short.as_str(),
-        (Some(full), None) => full.as_str(),
-        (None, None) => unreachable!("a chunk of rows exists only when some text does"),
+    // Only the last chunk can be short. (`OnceLock`: the future holding
+    // them must be `Send`.)
+    let full_size = std::sync::OnceLock::new();
+    let short_size = std::sync::OnceLock::new();
+    let text_for = |chunk: &[T]| {
+        let text = if chunk.len() == per_statement {
+            &full_size
+        } else {
+            &short_size
+        };
+        text.get_or_init(|| statement(chunk.len())).as_str()
     };
     let build = |chunk| bound_chunk(text_for(chunk), chunk, per_statement, &bind);
     let mut chunks = rows.chunks(per_statement);
