@@ -139,6 +139,12 @@ pub async fn fold_batch_paced(
     Ok(tx.commit().await?)
 }
 
+/// Moves a generation's checkpoint to `$1` (at `$2`) if it is still at `$5`:
+/// `$3` name, `$4` generation. One row changed, or none when it had moved.
+pub(crate) const CLAIM_CHECKPOINT: &str =
+    "UPDATE rm_projections SET checkpoint = $1, updated_at = $2
+     WHERE name = $3 AND generation = $4 AND checkpoint = $5";
+
 /// Compare-and-set of the checkpoint `advance` names; false when it was not at `from`.
 async fn claim(tx: &mut Tx, advance: Advance<'_>) -> Result<bool, sqlx::Error> {
     let Advance {
@@ -151,18 +157,15 @@ async fn claim(tx: &mut Tx, advance: Advance<'_>) -> Result<bool, sqlx::Error> {
     if let Some(part) = part {
         return crate::partition::claim(tx, name, generation, part, from, to).await;
     }
-    let moved = sqlx::query(
-        "UPDATE rm_projections SET checkpoint = $1, updated_at = $2
-         WHERE name = $3 AND generation = $4 AND checkpoint = $5",
-    )
-    .bind(to)
-    .bind(crate::readdb::timestamp(&chrono::Utc::now()))
-    .bind(name.to_string())
-    .bind(generation)
-    .bind(from)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
+    let moved = sqlx::query(CLAIM_CHECKPOINT)
+        .bind(to)
+        .bind(crate::readdb::timestamp(&chrono::Utc::now()))
+        .bind(name.to_string())
+        .bind(generation)
+        .bind(from)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
     Ok(moved == 1)
 }
 

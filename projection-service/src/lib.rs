@@ -9,7 +9,8 @@
 //! - [`worker`]: distributed workers (`crm projection-service`): units per
 //!   [`partition`], owned through [`lease`]s, fed by JetStream ([`bus`])
 //! - read models: one module each (pipeline, history, audit, records, service levels);
-//!   [`lookups`]: a batch's lookup rows held in memory and written back at its end
+//!   [`lookups`]: a batch's lookup rows held in memory and written back at its end;
+//!   [`rows`]: rows a fold writes, as data; [`rebuild_writer`]: a rebuild's own SQLite writer
 
 pub mod audit;
 pub mod bus;
@@ -23,8 +24,10 @@ pub mod pipeline;
 pub mod projection;
 pub mod readdb;
 pub mod rebuild;
+pub mod rebuild_writer;
 pub mod records;
 pub mod registry;
+pub mod rows;
 pub mod runner;
 pub mod service_levels;
 pub mod status;

@@ -12,37 +12,10 @@ use std::collections::{BTreeSet, HashMap};
 use sqlx::Row as _;
 
 use crate::projection::{insert_rows, values_placeholders, Placeholders, Tables, Tx};
+use crate::rows::Field;
+pub use crate::rows::Kind;
 
-/// Type of a lookup column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Text,
-    Int,
-}
-
-/// A lookup table of a projection: its base name and columns, the key first.
-#[derive(Debug)]
-pub struct Table {
-    pub base: &'static str,
-    pub columns: &'static [(&'static str, Kind)],
-}
-
-impl Table {
-    fn key(&self) -> &'static str {
-        self.columns[0].0
-    }
-
-    /// Position of `column`; the column names are the projection's own
-    /// constants, so an unknown one is a bug in it, not bad input.
-    fn index(&self, column: &str) -> usize {
-        self.columns
-            .iter()
-            .position(|(name, _)| *name == column)
-            .unwrap_or_else(|| panic!("{} has no column {column}", self.base))
-    }
-}
-
-/// One value of a row.
+/// One value of a lookup row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cell {
     Null,
@@ -71,6 +44,38 @@ impl From<&str> for Cell {
 impl From<i64> for Cell {
     fn from(value: i64) -> Self {
         Cell::Int(value)
+    }
+}
+
+impl Cell {
+    fn field(&self) -> Field<'_> {
+        match self {
+            Cell::Null => Field::Null,
+            Cell::Text(text) => Field::Text(text),
+            Cell::Int(number) => Field::Int(*number),
+        }
+    }
+}
+
+/// A lookup table of a projection: its base name and columns, the key first.
+#[derive(Debug)]
+pub struct Table {
+    pub base: &'static str,
+    pub columns: &'static [(&'static str, Kind)],
+}
+
+impl Table {
+    fn key(&self) -> &'static str {
+        self.columns[0].0
+    }
+
+    /// Position of `column`; the column names are the projection's own
+    /// constants, so an unknown one is a bug in it, not bad input.
+    fn index(&self, column: &str) -> usize {
+        self.columns
+            .iter()
+            .position(|(name, _)| *name == column)
+            .unwrap_or_else(|| panic!("{} has no column {column}", self.base))
     }
 }
 
@@ -290,16 +295,13 @@ impl Lookups {
                 width,
                 PARAMS_PER_WRITE / width,
                 &changed,
-                |mut query, row| {
-                    for (cell, (_, kind)) in row.cells.iter().zip(table.columns) {
-                        query = match (cell, kind) {
-                            (Cell::Text(text), _) => query.bind(text.as_str()),
-                            (Cell::Int(number), _) => query.bind(*number),
-                            (Cell::Null, Kind::Text) => query.bind(None::<String>),
-                            (Cell::Null, Kind::Int) => query.bind(None::<i64>),
-                        };
-                    }
-                    query
+                |query, row| {
+                    row.cells
+                        .iter()
+                        .zip(table.columns)
+                        .fold(query, |query, (cell, (_, kind))| {
+                            cell.field().bind(query, *kind)
+                        })
                 },
             )
             .await?;

@@ -78,6 +78,19 @@ pub trait Projection: Send + Sync + 'static {
         false
     }
 
+    /// The rows `events` add, when this projection's fold only inserts rows
+    /// made from the events alone and reads nothing back: a rebuild on
+    /// SQLite then makes the next batch's rows while its own writer writes
+    /// these ([`crate::rebuild_writer`]). None (the default): the fold reads
+    /// rows it wrote, so batches go through [`apply_batch`](Self::apply_batch).
+    fn rows_of(
+        &self,
+        _tables: &Tables,
+        _events: &[RecordedEvent],
+    ) -> Option<Result<Vec<crate::rows::RowSet>, BatchError>> {
+        None
+    }
+
     /// Folds one event into the rows. Events of every stream type arrive, in
     /// log order; ignore the ones this read model does not use.
     async fn apply(

@@ -5,7 +5,7 @@
 //! PRECISION; timestamps as RFC 3339 UTC text with microseconds (sortable),
 //! money amounts as decimal text, JSON as text.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sqlx::any::{install_default_drivers, AnyPoolOptions};
 use sqlx::AnyPool;
@@ -24,7 +24,10 @@ pub enum ReadBackend {
 /// time and syncing the file for each. Rebuilds took 11-18 % less wall time
 /// in three alternated pairs by hand (two of history, one of audit;
 /// bench/README.md, cause 4); the WAL file stays up to this size on disk.
-const WAL_CHECKPOINT_PAGES: u32 = 16_384;
+pub(crate) const WAL_CHECKPOINT_PAGES: u32 = 16_384;
+
+/// How long a read-model writer waits for another one's write lock (ms).
+pub(crate) const BUSY_TIMEOUT_MS: u32 = 10_000;
 
 /// A pool on the read-model database.
 #[derive(Clone, Debug)]
@@ -33,6 +36,8 @@ pub struct ReadDb {
     pub backend: ReadBackend,
     /// The URL it was opened with (workers open their lease connection from it).
     pub url: String,
+    /// The SQLite file, when the read models are in one (not in memory).
+    pub file: Option<PathBuf>,
 }
 
 impl ReadDb {
@@ -64,7 +69,9 @@ impl ReadDb {
                         use sqlx::Executor;
                         connection.execute("PRAGMA journal_mode=WAL").await?;
                         connection.execute("PRAGMA synchronous=NORMAL").await?;
-                        connection.execute("PRAGMA busy_timeout=10000").await?;
+                        connection
+                            .execute(format!("PRAGMA busy_timeout={BUSY_TIMEOUT_MS}").as_str())
+                            .await?;
                         connection
                             .execute(
                                 format!("PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
@@ -81,8 +88,18 @@ impl ReadDb {
             pool,
             backend,
             url: url.to_string(),
+            file: sqlite_file(url),
         })
     }
+}
+
+/// The file an `sqlite:` URL names (None: in memory, or not SQLite).
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && !path.contains(":memory:")).then(|| PathBuf::from(path))
 }
 
 impl ReadDb {
@@ -123,6 +140,19 @@ pub fn timestamp(at: &chrono::DateTime<chrono::Utc>) -> String {
 #[cfg(test)]
 mod tests {
     use sqlx::Row;
+
+    #[test]
+    fn the_sqlite_file_is_read_off_the_url() {
+        use super::sqlite_file;
+        assert_eq!(
+            sqlite_file("sqlite:///data/read.db?mode=rwc"),
+            Some("/data/read.db".into())
+        );
+        assert_eq!(sqlite_file("sqlite:read.db"), Some("read.db".into()));
+        assert_eq!(sqlite_file("sqlite::memory:"), None);
+        assert_eq!(sqlite_file("sqlite://:memory:"), None);
+        assert_eq!(sqlite_file("postgres://postgres@127.0.0.1/test"), None);
+    }
 
     #[tokio::test]
     async fn sqlite_read_models_checkpoint_their_wal_every_64_mib() {

@@ -5,7 +5,8 @@ use crm_eventlog::{EventLog, RecordedEvent, StreamCursor};
 
 use crate::fold::{fold_batch, Advance, FoldFailure};
 use crate::projection::Projection;
-use crate::readdb::ReadDb;
+use crate::readdb::{ReadBackend, ReadDb};
+use crate::rebuild_writer::{RebuildWriter, WriteError};
 use crate::registry::{self, Generation};
 
 /// Events per transaction during a rebuild.
@@ -17,6 +18,8 @@ pub enum RebuildError {
     Database(#[from] sqlx::Error),
     #[error("event log: {0}")]
     Log(#[from] crm_eventlog::LogError),
+    #[error("rebuild writer: {0}")]
+    Writer(#[from] WriteError),
     #[error("reading the log ahead stopped: {0}")]
     ReadAhead(#[from] tokio::task::JoinError),
     #[error(
@@ -98,10 +101,56 @@ async fn fold_in_log_order(
     db: &ReadDb,
     projection: &dyn Projection,
     generation: &Generation,
-    mut position: i64,
+    position: i64,
     batch: i64,
     progress: &mut impl FnMut(i64, i64),
 ) -> Result<(), RebuildError> {
+    let tables = generation.tables();
+    // On SQLite, rows made from the events alone go to a writer of their own.
+    let mut writer = match &db.file {
+        Some(file)
+            if db.backend == ReadBackend::Sqlite && projection.rows_of(&tables, &[]).is_some() =>
+        {
+            Some(RebuildWriter::open(file)?)
+        }
+        _ => None,
+    };
+    let folded = fold_batches(
+        log,
+        db,
+        projection,
+        generation,
+        writer.as_mut(),
+        position,
+        batch,
+        progress,
+    )
+    .await;
+    // Every batch handed over is committed (or has failed) before this
+    // returns, a failure or not: no write lands after the rebuild stopped.
+    let written = match writer {
+        Some(writer) => writer.finish().await,
+        None => Ok(()),
+    };
+    let (position, head) = folded?;
+    written?;
+    progress(position, head);
+    Ok(())
+}
+
+/// The loop of [`fold_in_log_order`]: folds (or hands to `writer`) batch
+/// after batch; returns the last position and the head it reached.
+#[allow(clippy::too_many_arguments)]
+async fn fold_batches(
+    log: &EventLog,
+    db: &ReadDb,
+    projection: &dyn Projection,
+    generation: &Generation,
+    mut writer: Option<&mut RebuildWriter>,
+    mut position: i64,
+    batch: i64,
+    progress: &mut impl FnMut(i64, i64),
+) -> Result<(i64, i64), RebuildError> {
     let tables = generation.tables();
     let (mut head, mut events) = read_ahead(log.clone(), position, batch).await?;
     loop {
@@ -117,18 +166,49 @@ async fn fold_in_log_order(
             from: position,
             to: last,
         });
-        if let Err(failure) = fold_batch(db, projection, &tables, &events, advance).await {
+        let folded = match writer.as_deref_mut() {
+            Some(writer) => hand_over(writer, projection, &tables, &events, advance).await,
+            None => fold_batch(db, projection, &tables, &events, advance)
+                .await
+                .map_err(|failure| fold_failed(projection, failure)),
+        };
+        if let Err(error) = folded {
             next.abort();
-            return Err(fold_failed(projection, failure));
+            return Err(error);
         }
         position = last;
-        progress(position, head.max(position));
         if !full && position >= head {
             next.abort();
-            return Ok(());
+            return Ok((position, head.max(position)));
         }
+        progress(position, head.max(position));
         (head, events) = next.await??;
     }
+}
+
+/// Makes a batch's rows and hands them to `writer` with the checkpoint move.
+async fn hand_over(
+    writer: &mut RebuildWriter,
+    projection: &dyn Projection,
+    tables: &crate::projection::Tables,
+    events: &[RecordedEvent],
+    advance: Option<Advance<'_>>,
+) -> Result<(), RebuildError> {
+    let rows = match projection.rows_of(tables, events) {
+        Some(Ok(rows)) => rows,
+        Some(Err(failure)) => {
+            let event = failure.index.and_then(|index| events.get(index)).cloned();
+            return Err(fold_failed(
+                projection,
+                FoldFailure {
+                    event,
+                    error: failure.error,
+                },
+            ));
+        }
+        None => Vec::new(),
+    };
+    Ok(writer.write(rows, advance).await?)
 }
 
 /// Folds every event up to the log's current head stream by stream (see

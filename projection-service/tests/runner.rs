@@ -7,9 +7,12 @@ use std::time::Duration;
 
 use crm_eventlog::testing::PgTestDb;
 use crm_eventlog::{AppendBatch, EventLog, ExpectedVersion, NewEvent, RecordedEvent, StreamAppend};
-use crm_projection_service::projection::{Projection, ProjectionError, Tables, Tx};
+use crm_projection_service::projection::{
+    apply_as_batch, BatchError, Projection, ProjectionError, Tables, Tx,
+};
 use crm_projection_service::readdb::{ReadBackend, ReadDb};
 use crm_projection_service::registry;
+use crm_projection_service::rows::{Field, Kind, RowSet};
 use crm_projection_service::runner::{Runner, RunnerSettings};
 use serde_json::json;
 use sqlx::Row;
@@ -510,4 +513,198 @@ async fn rebuild_by_stream_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_by_stream_on_postgres() {
     on_postgres(rebuild_by_stream).await;
+}
+
+/// Inserts a row per event made from the event alone
+/// ([`Projection::rows_of`]), its `note` NULL unless the payload has one.
+/// With `rows_only` its own fold through sqlx refuses every batch: a rebuild
+/// that succeeds then went through the rebuild writer.
+struct Noted {
+    rows_only: bool,
+}
+
+static NOTED_ROW: [(&str, Kind); 3] = [
+    ("position", Kind::Int),
+    ("stream_id", Kind::Text),
+    ("note", Kind::Text),
+];
+
+impl Noted {
+    fn rows(&self, tables: &Tables, events: &[RecordedEvent]) -> Result<Vec<RowSet>, BatchError> {
+        let mut rows = RowSet::new(
+            tables.t("seen"),
+            &NOTED_ROW,
+            "ON CONFLICT (position) DO NOTHING".into(),
+            50,
+        );
+        for (index, event) in events.iter().enumerate() {
+            if event.payload["poison"] == json!(true) {
+                return Err(BatchError::at(index)(ProjectionError::Invalid(
+                    "poisoned event".into(),
+                )));
+            }
+            rows.push([
+                Field::Int(event.position),
+                Field::Text(&event.stream_id),
+                event.payload["note"].as_str().into(),
+            ]);
+        }
+        Ok(vec![rows])
+    }
+}
+
+#[async_trait::async_trait]
+impl Projection for Noted {
+    fn name(&self) -> &'static str {
+        "noted"
+    }
+    fn version(&self) -> i64 {
+        1
+    }
+    fn schema(&self, tables: &Tables) -> Vec<String> {
+        vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (position BIGINT PRIMARY KEY, stream_id TEXT NOT NULL, note TEXT)",
+                tables.t("seen")
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {} (stream_id)",
+                tables.t("seen_stream_ix"),
+                tables.t("seen")
+            ),
+        ]
+    }
+    fn table_names(&self) -> Vec<&'static str> {
+        vec!["seen"]
+    }
+    fn rows_of(
+        &self,
+        tables: &Tables,
+        events: &[RecordedEvent],
+    ) -> Option<Result<Vec<RowSet>, BatchError>> {
+        Some(self.rows(tables, events))
+    }
+    async fn apply(
+        &self,
+        tx: &mut Tx,
+        tables: &Tables,
+        event: &RecordedEvent,
+    ) -> Result<(), ProjectionError> {
+        apply_as_batch(self, tx, tables, event).await
+    }
+    async fn apply_batch(
+        &self,
+        tx: &mut Tx,
+        tables: &Tables,
+        events: &[RecordedEvent],
+    ) -> Result<(), BatchError> {
+        if self.rows_only {
+            return Err(BatchError::whole_batch(ProjectionError::Invalid(
+                "folded through sqlx".into(),
+            )));
+        }
+        for rows in self.rows(tables, events)? {
+            rows.write(tx).await.map_err(BatchError::whole_batch)?;
+        }
+        Ok(())
+    }
+}
+
+/// A projection whose rows are made from the events alone is rebuilt
+/// through the rebuild writer on SQLite (through its own fold on
+/// PostgreSQL): every event once, NULLs kept, the checkpoint at the head,
+/// the indexes made; an event it cannot fold stops the rebuild there with
+/// the batches before it committed and nothing after.
+async fn rebuild_through_rows(log: EventLog, db: ReadDb) {
+    let noted = Noted {
+        rows_only: db.backend == ReadBackend::Sqlite,
+    };
+    for n in 0..9 {
+        let payload = match n % 3 {
+            0 => json!({"n": n, "note": format!("note {n}")}),
+            _ => json!({"n": n}),
+        };
+        append(&log, &format!("s{}", n % 2), payload).await;
+    }
+    let head = log.head_position().await.unwrap();
+    let mut reported = Vec::new();
+    let generation = crm_projection_service::rebuild::rebuild_in_batches(
+        &log,
+        &db,
+        &noted,
+        2,
+        |position, head| reported.push((position, head)),
+    )
+    .await
+    .unwrap();
+    let rebuilt = registry::active(&db, "noted").await.unwrap().unwrap();
+    assert_eq!(rebuilt.generation, generation);
+    assert_eq!(rebuilt.checkpoint, head);
+    let tables = rebuilt.tables();
+    assert_eq!(seen(&db, &tables).await, (1..=head).collect::<Vec<_>>());
+    let notes: Vec<Option<String>> = sqlx::query(&format!(
+        "SELECT note FROM {} ORDER BY position",
+        tables.t("seen")
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| row.get("note"))
+    .collect();
+    let expected: Vec<Option<String>> = (0..9)
+        .map(|n| (n % 3 == 0).then(|| format!("note {n}")))
+        .collect();
+    assert_eq!(notes, expected);
+    assert_eq!(reported.last(), Some(&(head, head)));
+    assert!(index_exists(&db, &tables.t("seen_stream_ix")).await);
+
+    // Positions head+1 .. head+3 fine, head+4 poisoned, in batches of two.
+    for n in 0..5 {
+        append(&log, "s9", json!({"poison": n == 3})).await;
+    }
+    let failed =
+        crm_projection_service::rebuild::rebuild_in_batches(&log, &db, &noted, 2, |_, _| {})
+            .await
+            .unwrap_err();
+    match &failed {
+        crm_projection_service::rebuild::RebuildError::Fold { position, .. } => {
+            assert_eq!(*position, head + 4, "{failed}")
+        }
+        other => panic!("{other}"),
+    }
+    let building = registry::all(&db)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|g| g.name == "noted")
+        .max_by_key(|g| g.generation)
+        .unwrap();
+    assert_eq!(building.state, registry::BUILDING);
+    // Batches of two from position 1: the poisoned event's batch is not
+    // written, the ones before it are.
+    let committed = (head + 4 - 1) / 2 * 2;
+    assert_eq!(building.checkpoint, committed);
+    assert_eq!(
+        seen(&db, &building.tables()).await,
+        (1..=committed).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        registry::active(&db, "noted")
+            .await
+            .unwrap()
+            .unwrap()
+            .generation,
+        generation
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_through_rows_on_sqlite() {
+    on_sqlite(rebuild_through_rows).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_through_rows_on_postgres() {
+    on_postgres(rebuild_through_rows).await;
 }

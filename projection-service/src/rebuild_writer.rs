@@ -1,0 +1,327 @@
+//! A rebuild's writer on the embedded store: a thread of its own with a
+//! synchronous SQLite connection (rusqlite) that writes each batch's rows and
+//! moves the new generation's checkpoint in one transaction, while the fold
+//! makes the next batch's rows.
+//!
+//! Why: through sqlx every statement is handed to the connection's worker
+//! thread and awaited, so a rebuild's fold and SQLite took turns on about one
+//! of the two CPUs (bench/README.md, cause 4). Here the rows of a batch go
+//! over in one hand-off, are written with one prepared statement per table,
+//! and the fold goes on meanwhile. Only for projections whose rows are made
+//! from the events alone ([`Projection::rows_of`]): nothing is read back, so
+//! nothing waits for a batch to be written.
+
+use std::collections::VecDeque;
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::fold::{Advance, CLAIM_CHECKPOINT};
+use crate::readdb::{timestamp, BUSY_TIMEOUT_MS, WAL_CHECKPOINT_PAGES};
+use crate::rows::{Field, RowSet};
+
+/// Batches handed over and not yet known to be committed: one being
+/// written, one waiting, one being made by the fold.
+const IN_FLIGHT: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("read-model database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("checkpoint of {name} moved away from {expected}: another writer folded this range")]
+    CheckpointMoved { name: String, expected: i64 },
+    #[error("the rebuild's writer thread stopped")]
+    Stopped,
+}
+
+/// Where a written batch moves the generation's checkpoint.
+struct Checkpoint {
+    name: String,
+    generation: i64,
+    from: i64,
+    to: i64,
+}
+
+struct Job {
+    rows: Vec<RowSet>,
+    checkpoint: Option<Checkpoint>,
+    done: oneshot::Sender<Written>,
+}
+
+/// A batch's outcome, and its rows handed back to be freed on the thread
+/// that made them: freed on the writer's, each free took the maker's
+/// malloc arena lock against the maker's own allocations.
+type Written = (Result<(), WriteError>, Vec<RowSet>);
+
+/// The writer thread and the batches handed to it.
+pub struct RebuildWriter {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    in_flight: VecDeque<oneshot::Receiver<Written>>,
+}
+
+impl RebuildWriter {
+    /// Opens a connection on the read-model file and starts the thread.
+    pub fn open(file: &Path) -> Result<Self, WriteError> {
+        let connection = connect(file)?;
+        let (jobs, mut queue) = mpsc::channel::<Job>(1);
+        let thread = std::thread::Builder::new()
+            .name("crm-rebuild-writer".into())
+            .spawn(move || {
+                let mut connection = connection;
+                while let Some(job) = queue.blocking_recv() {
+                    let written = write(&mut connection, &job.rows, job.checkpoint.as_ref());
+                    let _ = job.done.send((written, job.rows));
+                }
+            })
+            .map_err(|_| WriteError::Stopped)?;
+        Ok(Self {
+            jobs: Some(jobs),
+            thread: Some(thread),
+            in_flight: VecDeque::new(),
+        })
+    }
+
+    /// Hands over a batch's rows and the checkpoint move they complete.
+    /// Returns once the writer has room for them; a failure of an earlier
+    /// batch is returned here or by [`finish`](Self::finish) (later batches
+    /// then fail too: their checkpoint claims find it unmoved).
+    pub async fn write(
+        &mut self,
+        rows: Vec<RowSet>,
+        advance: Option<Advance<'_>>,
+    ) -> Result<(), WriteError> {
+        while self.in_flight.len() >= IN_FLIGHT {
+            self.wait_oldest().await?;
+        }
+        let (done, written) = oneshot::channel();
+        let job = Job {
+            rows,
+            checkpoint: advance.map(|advance| Checkpoint {
+                name: advance.name.to_string(),
+                generation: advance.generation,
+                from: advance.from,
+                to: advance.to,
+            }),
+            done,
+        };
+        let jobs = self.jobs.as_ref().ok_or(WriteError::Stopped)?;
+        jobs.send(job).await.map_err(|_| WriteError::Stopped)?;
+        self.in_flight.push_back(written);
+        Ok(())
+    }
+
+    async fn wait_oldest(&mut self) -> Result<(), WriteError> {
+        match self.in_flight.pop_front() {
+            Some(written) => written.await.map_err(|_| WriteError::Stopped)?.0,
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until every batch handed over is committed, then stops the thread.
+    pub async fn finish(mut self) -> Result<(), WriteError> {
+        while !self.in_flight.is_empty() {
+            self.wait_oldest().await?;
+        }
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .map_err(|_| WriteError::Stopped)?
+                .map_err(|_| WriteError::Stopped)?;
+        }
+        Ok(())
+    }
+}
+
+/// The writer's connection: the read-model pool's settings (WAL, `NORMAL`
+/// sync, the same busy timeout and checkpoint interval).
+fn connect(file: &Path) -> Result<Connection, WriteError> {
+    let connection = Connection::open_with_flags(
+        file,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    connection.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+         PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES};"
+    ))?;
+    Ok(connection)
+}
+
+/// One batch in one transaction: the checkpoint claimed first (as
+/// [`crate::fold::fold_batch`] does), then every row; all or nothing.
+fn write(
+    connection: &mut Connection,
+    rows: &[RowSet],
+    checkpoint: Option<&Checkpoint>,
+) -> Result<(), WriteError> {
+    let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if let Some(checkpoint) = checkpoint {
+        let moved = tx.execute(
+            CLAIM_CHECKPOINT,
+            rusqlite::params![
+                checkpoint.to,
+                timestamp(&chrono::Utc::now()),
+                checkpoint.name,
+                checkpoint.generation,
+                checkpoint.from,
+            ],
+        )?;
+        if moved != 1 {
+            return Err(WriteError::CheckpointMoved {
+                name: checkpoint.name.clone(),
+                expected: checkpoint.from,
+            });
+        }
+    }
+    for set in rows.iter().filter(|set| !set.is_empty()) {
+        let placeholders = vec!["?"; set.columns().len()].join(", ");
+        let mut insert = tx.prepare_cached(&format!(
+            "INSERT INTO {} VALUES ({placeholders}) {}",
+            set.target(),
+            set.tail()
+        ))?;
+        for row in set.rows() {
+            for (index, field) in row.enumerate() {
+                match field {
+                    Field::Null => insert.raw_bind_parameter(index + 1, rusqlite::types::Null)?,
+                    Field::Text(text) => insert.raw_bind_parameter(index + 1, text)?,
+                    Field::Int(number) => insert.raw_bind_parameter(index + 1, number)?,
+                }
+            }
+            insert.raw_execute()?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditProjection;
+    use crate::fold::fold_batch;
+    use crate::projection::{Projection, Tables};
+    use crate::readdb::ReadDb;
+    use crate::records::scenario;
+    use crate::registry;
+    use sqlx::Row as _;
+
+    async fn count(db: &ReadDb, sql: String) -> i64 {
+        sqlx::query(&sql).fetch_one(&db.pool).await.unwrap().get(0)
+    }
+
+    /// Rows of `table` in one generation and not the other, both ways.
+    async fn differing(db: &ReadDb, one: &Tables, other: &Tables, table: &str) -> i64 {
+        let (a, b) = (one.t(table), other.t(table));
+        count(
+            db,
+            format!(
+                "SELECT COUNT(*) FROM (SELECT * FROM {a} EXCEPT SELECT * FROM {b}
+                 UNION ALL SELECT * FROM {b} EXCEPT SELECT * FROM {a})"
+            ),
+        )
+        .await
+    }
+
+    /// The writer writes exactly the rows the projection's own fold writes
+    /// (NULLs, numbers, JSON text, `ON CONFLICT` tails), moves the checkpoint
+    /// with them, and a batch whose claim finds the checkpoint elsewhere
+    /// writes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_writes_what_the_fold_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ReadDb::open_sqlite(&dir.path().join("read.db"))
+            .await
+            .unwrap();
+        registry::ensure(&db).await.unwrap();
+        let audit = AuditProjection;
+        let events = scenario::scenario();
+        let folded = registry::create_generation(
+            &db,
+            &audit,
+            registry::BUILDING,
+            registry::Indexes::AfterLoading,
+        )
+        .await
+        .unwrap();
+        fold_batch(&db, &audit, &folded.tables(), &events, None)
+            .await
+            .unwrap_or_else(|failure| panic!("{:?}", failure.error));
+
+        let written = registry::create_generation(
+            &db,
+            &audit,
+            registry::BUILDING,
+            registry::Indexes::AfterLoading,
+        )
+        .await
+        .unwrap();
+        let tables = written.tables();
+        let mut writer = RebuildWriter::open(db.file.as_ref().unwrap()).unwrap();
+        let (first, rest) = events.split_at(events.len() / 2);
+        let mut from = 0;
+        // The third batch repeats the first one's rows (`DO NOTHING`) and
+        // moves no checkpoint.
+        for (batch, moves) in [(first, true), (rest, true), (first, false)] {
+            let to = batch.last().unwrap().position;
+            let rows = audit.rows_of(&tables, batch).unwrap().unwrap();
+            let advance = moves.then(|| Advance {
+                name: &written.name,
+                generation: written.generation,
+                part: None,
+                from,
+                to,
+            });
+            writer.write(rows, advance).await.unwrap();
+            from = to;
+        }
+        writer.finish().await.unwrap();
+        for table in ["entries", "changes"] {
+            assert_eq!(differing(&db, &folded.tables(), &tables, table).await, 0);
+            let rows = count(&db, format!("SELECT COUNT(*) FROM {}", tables.t(table))).await;
+            assert!(rows >= events.len() as i64, "{table}: {rows} rows");
+        }
+        let checkpoint = format!(
+            "SELECT checkpoint FROM rm_projections WHERE name = 'audit' AND generation = {}",
+            written.generation
+        );
+        let head = events.last().unwrap().position;
+        assert_eq!(count(&db, checkpoint.clone()).await, head);
+
+        // A stale claim: the batch fails whole, its rows are not written.
+        let mut writer = RebuildWriter::open(db.file.as_ref().unwrap()).unwrap();
+        let mut later = events[..1].to_vec();
+        later[0].position = head + 1;
+        let stale = Advance {
+            name: &written.name,
+            generation: written.generation,
+            part: None,
+            from: head - 1,
+            to: head + 1,
+        };
+        writer
+            .write(
+                audit.rows_of(&tables, &later).unwrap().unwrap(),
+                Some(stale),
+            )
+            .await
+            .unwrap();
+        let failed = writer.finish().await.unwrap_err();
+        assert!(
+            matches!(&failed, WriteError::CheckpointMoved { expected, .. } if *expected == head - 1),
+            "{failed}"
+        );
+        assert_eq!(count(&db, checkpoint.clone()).await, head);
+        let entries = tables.t("entries");
+        assert_eq!(
+            count(
+                &db,
+                format!("SELECT COUNT(*) FROM {entries} WHERE position > {head}")
+            )
+            .await,
+            0
+        );
+    }
+}
