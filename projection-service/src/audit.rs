@@ -20,14 +20,15 @@ use serde_json::{json, Value};
 use sqlx::Row;
 
 use crate::projection::{
-    apply_as_batch, decode, BatchError, Projection, ProjectionError, Tables, Tx,
+    apply_as_batch, decode, BatchError, Carried, Projection, ProjectionError, Tables, Tx,
 };
 use crate::readdb::{timestamp, ReadDb};
 use crate::records::paging::{
-    decode_position_cursor, encode_cursor, normalise_time, page_limit, parse_time, Binds,
+    decode_position_cursor, encode_cursor, json_text_ref, normalise_time, page_limit, parse_time,
+    Binds,
 };
 pub use crate::records::paging::{Page, QueryError};
-use crate::rows::{Field, Kind, RowSet};
+use crate::rows::{json_into, Field, Kind, RowSet};
 
 /// Name of the projection (and prefix of its tables).
 pub const NAME: &str = "audit";
@@ -457,12 +458,19 @@ impl Projection for AuditProjection {
         Ok(())
     }
 
-    fn rows_of(
+    fn rebuilds_to_rows(&self) -> bool {
+        true
+    }
+
+    /// The rows are made from the events alone: nothing read, nothing carried.
+    async fn rebuild_rows(
         &self,
+        _conn: &mut sqlx::AnyConnection,
         tables: &Tables,
         events: &[RecordedEvent],
-    ) -> Option<Result<Vec<RowSet>, BatchError>> {
-        Some(audit_rows(tables, events))
+        _carried: &mut Carried,
+    ) -> Result<Vec<RowSet>, BatchError> {
+        audit_rows(tables, events)
     }
 }
 
@@ -506,7 +514,10 @@ static CHANGE_ROW: [(&str, Kind); 5] = [
 
 /// The audit rows of `events`: an entry each and a row per changed field,
 /// made from the events alone.
-fn audit_rows(tables: &Tables, events: &[RecordedEvent]) -> Result<Vec<RowSet>, BatchError> {
+pub(crate) fn audit_rows(
+    tables: &Tables,
+    events: &[RecordedEvent],
+) -> Result<Vec<RowSet>, BatchError> {
     let mut entries = RowSet::new(
         tables.t("entries"),
         &ENTRY_ROW,
@@ -541,26 +552,6 @@ fn audit_rows(tables: &Tables, events: &[RecordedEvent]) -> Result<Vec<RowSet>, 
     Ok(vec![entries, changes])
 }
 
-/// `value` as JSON text in `buffer` (reused: no allocation per value).
-fn json_into(buffer: &mut String, value: &Value) {
-    buffer.clear();
-    let mut bytes = std::mem::take(buffer).into_bytes();
-    // Writing a `Value` into a Vec fails only on a failing writer.
-    let _ = serde_json::to_writer(&mut bytes, value);
-    *buffer = String::from_utf8(bytes).unwrap_or_default();
-}
-
-/// A metadata value as text: a string as it is (borrowed), anything else as
-/// its JSON ([`crate::records::paging::json_text`]'s rule, without copying
-/// the strings).
-fn meta_text(value: Option<&Value>) -> Option<Cow<'_, str>> {
-    match value? {
-        Value::Null => None,
-        Value::String(text) => Some(Cow::Borrowed(text)),
-        other => Some(Cow::Owned(other.to_string())),
-    }
-}
-
 /// Adds the audit entry of `event`, in [`ENTRY_ROW`] order.
 fn push_entry(entries: &mut RowSet, event: &RecordedEvent, changes: &[FieldChange]) {
     let meta = &event.metadata;
@@ -573,9 +564,12 @@ fn push_entry(entries: &mut RowSet, event: &RecordedEvent, changes: &[FieldChang
         "request_id",
         "client",
     ]
-    .map(|key| meta_text(meta.get(key)));
+    .map(|key| json_text_ref(meta.get(key)));
     let roles: Vec<Cow<'_, str>> = match meta.get("roles") {
-        Some(Value::Array(roles)) => roles.iter().filter_map(|r| meta_text(Some(r))).collect(),
+        Some(Value::Array(roles)) => roles
+            .iter()
+            .filter_map(|r| json_text_ref(Some(r)))
+            .collect(),
         _ => Vec::new(),
     };
     let occurred_at = ["occurred_at", "opened_at"]

@@ -19,16 +19,19 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::any::AnyRow;
-use sqlx::Row as _;
+use sqlx::{AnyConnection, Row as _};
 
 use crate::lookups::{self, Cell, Kind, Lookups, Table};
 use crate::projection::{
-    apply_as_batch, decode, insert_rows, BatchError, Placeholders, Projection, ProjectionError,
-    Tables, Tx,
+    apply_as_batch, decode, BatchError, Carried, Placeholders, Projection, ProjectionError, Tables,
+    Tx,
 };
 use crate::readdb::{timestamp, ReadDb};
-use crate::records::paging::{decode_cursor, encode_cursor, json_text, page_limit, Binds};
+use crate::records::paging::{
+    decode_cursor, encode_cursor, json_text, json_text_ref, page_limit, Binds,
+};
 pub use crate::records::paging::{Page, QueryError};
+use crate::rows::{json_into, Field, RowSet};
 
 /// Name of the projection (and prefix of its tables).
 pub const NAME: &str = "history";
@@ -554,57 +557,109 @@ impl Projection for HistoryProjection {
         events: &[RecordedEvent],
     ) -> Result<(), BatchError> {
         let mut lookups = Lookups::new(tables, Placeholders::of(tx));
-        for (table, keys) in lookup_keys(events) {
-            lookups
-                .read_ahead(tx, table, keys)
-                .await
-                .map_err(BatchError::whole_batch)?;
-        }
-        let mut entries = Vec::new();
-        for (index, event) in events.iter().enumerate() {
-            let entry = entry_for(tx, &mut lookups, event)
-                .await
-                .map_err(BatchError::at(index))?;
-            if let Some(entry) = entry {
-                entries.push((event, entry));
-            }
-        }
+        let entries = fold_entries(tx, &mut lookups, tables, events).await?;
         lookups
             .write_back(tx)
             .await
             .map_err(BatchError::whole_batch)?;
-        let into = format!(
-            "{} (position, occurred_at, kind, event_type, stream_type, stream_id, account_id,
-                contact_id, summary, actor, details)",
-            tables.t("entries")
-        );
-        insert_rows(
-            tx,
-            &into,
-            "ON CONFLICT (position) DO NOTHING",
-            11,
-            ENTRIES_PER_INSERT,
-            &entries,
-            |query, (event, entry)| {
-                query
-                    .bind(event.position)
-                    .bind(entry.occurred_at.as_str())
-                    .bind(entry.kind)
-                    .bind(event.event_type.as_str())
-                    .bind(event.stream_type.as_str())
-                    .bind(event.stream_id.as_str())
-                    .bind(entry.account_id.as_deref())
-                    .bind(entry.contact_id.as_deref())
-                    .bind(entry.summary.as_str())
-                    .bind(json_text(event.metadata.get("actor")))
-                    .bind(entry.details.to_string())
-            },
-        )
-        .await
-        .map_err(BatchError::whole_batch)?;
-        Ok(())
+        entries.write(tx).await.map_err(BatchError::whole_batch)
+    }
+
+    fn rebuilds_to_rows(&self) -> bool {
+        true
+    }
+
+    /// As [`apply_batch`](Self::apply_batch), the lookup rows carried from
+    /// batch to batch ([`Lookups::next_batch`]).
+    async fn rebuild_rows(
+        &self,
+        conn: &mut AnyConnection,
+        tables: &Tables,
+        events: &[RecordedEvent],
+        carried: &mut Carried,
+    ) -> Result<Vec<RowSet>, BatchError> {
+        let lookups = carried
+            .get_or_insert_with(|| {
+                Box::new(Lookups::new(tables, Placeholders::of_connection(conn)))
+            })
+            .downcast_mut::<Lookups>()
+            .ok_or_else(|| {
+                BatchError::whole_batch(ProjectionError::Invalid(
+                    "history carried something other than its lookups".into(),
+                ))
+            })?;
+        lookups.next_batch();
+        let entries = fold_entries(conn, lookups, tables, events).await?;
+        let mut rows = lookups.changed_rows();
+        rows.push(entries);
+        Ok(rows)
     }
 }
+
+/// Folds `events` through `lookups` (reading through `conn` what they do
+/// not hold); the timeline entries they add.
+async fn fold_entries(
+    conn: &mut AnyConnection,
+    lookups: &mut Lookups,
+    tables: &Tables,
+    events: &[RecordedEvent],
+) -> Result<RowSet, BatchError> {
+    for (table, keys) in lookup_keys(events) {
+        lookups
+            .read_ahead(conn, table, keys)
+            .await
+            .map_err(BatchError::whole_batch)?;
+    }
+    let mut entries = RowSet::new(
+        tables.t("entries"),
+        &ENTRY_ROW,
+        "ON CONFLICT (position) DO NOTHING".into(),
+        ENTRIES_PER_INSERT,
+    );
+    entries.reserve(events.len(), ENTRY_TEXT);
+    let mut details = String::new();
+    for (index, event) in events.iter().enumerate() {
+        let entry = entry_for(conn, lookups, event)
+            .await
+            .map_err(BatchError::at(index))?;
+        let Some(entry) = entry else {
+            continue;
+        };
+        json_into(&mut details, &entry.details);
+        let actor = json_text_ref(event.metadata.get("actor"));
+        entries.push([
+            Field::Int(event.position),
+            Field::Text(&entry.occurred_at),
+            Field::Text(entry.kind),
+            Field::Text(&event.event_type),
+            Field::Text(&event.stream_type),
+            Field::Text(&event.stream_id),
+            entry.account_id.as_deref().into(),
+            entry.contact_id.as_deref().into(),
+            Field::Text(&entry.summary),
+            actor.as_deref().into(),
+            Field::Text(&details),
+        ]);
+    }
+    Ok(entries)
+}
+
+static ENTRY_ROW: [(&str, Kind); 11] = [
+    ("position", Kind::Int),
+    ("occurred_at", Kind::Text),
+    ("kind", Kind::Text),
+    ("event_type", Kind::Text),
+    ("stream_type", Kind::Text),
+    ("stream_id", Kind::Text),
+    ("account_id", Kind::Text),
+    ("contact_id", Kind::Text),
+    ("summary", Kind::Text),
+    ("actor", Kind::Text),
+    ("details", Kind::Text),
+];
+
+/// Bytes of text per timeline entry reserved up front.
+const ENTRY_TEXT: usize = 400;
 
 /// Timeline entries per multi-row insert (11 parameters each).
 const ENTRIES_PER_INSERT: usize = 50;
@@ -720,11 +775,15 @@ fn lookup_keys(events: &[RecordedEvent]) -> Vec<(&'static Table, Vec<String>)> {
 
 /// Updates the lookup rows for `event`; the timeline entry it adds, if any.
 async fn entry_for(
-    tx: &mut Tx,
+    conn: &mut AnyConnection,
     lookups: &mut Lookups,
     event: &RecordedEvent,
 ) -> Result<Option<NewEntry>, ProjectionError> {
-    let mut fold = Fold { tx, lookups, event };
+    let mut fold = Fold {
+        conn,
+        lookups,
+        event,
+    };
     match event.stream_type.as_str() {
         "lead" => fold.lead().await,
         "account" => fold.account().await,
@@ -747,7 +806,7 @@ struct NewEntry {
 
 /// One event being folded.
 struct Fold<'a> {
-    tx: &'a mut Tx,
+    conn: &'a mut AnyConnection,
     lookups: &'a mut Lookups,
     event: &'a RecordedEvent,
 }
@@ -812,7 +871,7 @@ impl Fold<'_> {
         table: &'static Table,
         id: &str,
     ) -> Result<Option<lookups::Row>, sqlx::Error> {
-        Ok(self.lookups.get(self.tx, table, id).await?.cloned())
+        Ok(self.lookups.get(self.conn, table, id).await?.cloned())
     }
 
     /// A text column of a lookup row (None if the row or value is missing).
@@ -824,7 +883,7 @@ impl Fold<'_> {
     ) -> Result<Option<String>, sqlx::Error> {
         Ok(self
             .lookups
-            .get(self.tx, table, id)
+            .get(self.conn, table, id)
             .await?
             .and_then(|row| row.text(column)))
     }
@@ -836,7 +895,7 @@ impl Fold<'_> {
         id: &str,
         cells: &[(&str, Cell)],
     ) -> Result<(), sqlx::Error> {
-        self.lookups.upsert(self.tx, table, id, cells).await
+        self.lookups.upsert(self.conn, table, id, cells).await
     }
 
     /// Sets these columns of the row, if there is one.
@@ -846,7 +905,7 @@ impl Fold<'_> {
         id: &str,
         cells: &[(&str, Cell)],
     ) -> Result<(), sqlx::Error> {
-        self.lookups.update(self.tx, table, id, cells).await
+        self.lookups.update(self.conn, table, id, cells).await
     }
 
     async fn lead(&mut self) -> Result<Option<NewEntry>, ProjectionError> {
@@ -1069,7 +1128,7 @@ impl Fold<'_> {
                 let task_status = (kind == ActivityKind::Task).then(|| "open".to_string());
                 self.lookups
                     .insert_if_absent(
-                        self.tx,
+                        self.conn,
                         &ACTIVITIES,
                         &activity_id.to_string(),
                         &[

@@ -7,13 +7,13 @@
 //! SQLite, a wake-up of sqlx's worker thread per statement; on PostgreSQL a
 //! round trip), not in the database.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
-use sqlx::Row as _;
+use sqlx::{AnyConnection, Row as _};
 
-use crate::projection::{insert_rows, values_placeholders, Placeholders, Tables, Tx};
-use crate::rows::Field;
+use crate::projection::{values_placeholders, Placeholders, Tables, Tx};
 pub use crate::rows::Kind;
+use crate::rows::{Field, RowSet};
 
 /// One value of a lookup row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +121,8 @@ const PARAMS_PER_WRITE: usize = 600;
 struct Held {
     rows: HashMap<String, Option<Row>>,
     changed: BTreeSet<String>,
+    /// Keys the batch asked for (see [`Lookups::next_batch`]).
+    asked: HashSet<String>,
 }
 
 /// The lookup rows one batch reads and writes.
@@ -142,19 +144,22 @@ impl Lookups {
     /// Reads the rows of `keys` not yet held, a few hundred keys per statement.
     pub async fn read_ahead(
         &mut self,
-        tx: &mut Tx,
+        conn: &mut AnyConnection,
         table: &'static Table,
         keys: impl IntoIterator<Item = String>,
     ) -> Result<(), sqlx::Error> {
         let held = self.held.entry(table.base).or_default();
-        let mut wanted: Vec<String> = keys
-            .into_iter()
-            .filter(|key| !held.rows.contains_key(key))
-            .collect();
+        let mut wanted = Vec::new();
+        for key in keys {
+            if !held.rows.contains_key(&key) {
+                wanted.push(key.clone());
+            }
+            held.asked.insert(key);
+        }
         wanted.sort_unstable();
         wanted.dedup();
         for chunk in wanted.chunks(KEYS_PER_READ) {
-            let rows = self.read(tx, table, chunk).await?;
+            let rows = self.read(conn, table, chunk).await?;
             let held = self.held.entry(table.base).or_default();
             for key in chunk {
                 held.rows.insert(key.clone(), None);
@@ -170,7 +175,7 @@ impl Lookups {
 
     async fn read(
         &self,
-        tx: &mut Tx,
+        conn: &mut AnyConnection,
         table: &'static Table,
         keys: &[String],
     ) -> Result<Vec<Row>, sqlx::Error> {
@@ -187,7 +192,7 @@ impl Lookups {
             query = query.bind(key.as_str());
         }
         let mut rows = Vec::new();
-        for found in query.fetch_all(&mut **tx).await? {
+        for found in query.fetch_all(&mut *conn).await? {
             let mut cells = Vec::with_capacity(table.columns.len());
             for (index, (_, kind)) in table.columns.iter().enumerate() {
                 cells.push(match kind {
@@ -205,16 +210,16 @@ impl Lookups {
     /// The row of `key` (read from the table the first time the batch asks).
     pub async fn get(
         &mut self,
-        tx: &mut Tx,
+        conn: &mut AnyConnection,
         table: &'static Table,
         key: &str,
     ) -> Result<Option<&Row>, sqlx::Error> {
         if !self
             .held
             .get(table.base)
-            .is_some_and(|held| held.rows.contains_key(key))
+            .is_some_and(|held| held.rows.contains_key(key) && held.asked.contains(key))
         {
-            self.read_ahead(tx, table, [key.to_string()]).await?;
+            self.read_ahead(conn, table, [key.to_string()]).await?;
         }
         Ok(self
             .held
@@ -227,12 +232,12 @@ impl Lookups {
     /// them, created (other columns NULL) if absent.
     pub async fn upsert(
         &mut self,
-        tx: &mut Tx,
+        conn: &mut AnyConnection,
         table: &'static Table,
         key: &str,
         cells: &[(&str, Cell)],
     ) -> Result<(), sqlx::Error> {
-        self.get(tx, table, key).await?;
+        self.get(conn, table, key).await?;
         let held = self.held.entry(table.base).or_default();
         let row = held.rows.entry(key.to_string()).or_default();
         row.get_or_insert_with(|| Row::empty(table, key)).set(cells);
@@ -243,13 +248,13 @@ impl Lookups {
     /// `INSERT .. ON CONFLICT (key) DO NOTHING`.
     pub async fn insert_if_absent(
         &mut self,
-        tx: &mut Tx,
+        conn: &mut AnyConnection,
         table: &'static Table,
         key: &str,
         cells: &[(&str, Cell)],
     ) -> Result<(), sqlx::Error> {
-        if self.get(tx, table, key).await?.is_none() {
-            self.upsert(tx, table, key, cells).await?;
+        if self.get(conn, table, key).await?.is_none() {
+            self.upsert(conn, table, key, cells).await?;
         }
         Ok(())
     }
@@ -257,19 +262,29 @@ impl Lookups {
     /// `UPDATE .. SET` these cells `WHERE key = ..`: nothing when absent.
     pub async fn update(
         &mut self,
-        tx: &mut Tx,
+        conn: &mut AnyConnection,
         table: &'static Table,
         key: &str,
         cells: &[(&str, Cell)],
     ) -> Result<(), sqlx::Error> {
-        if self.get(tx, table, key).await?.is_some() {
-            self.upsert(tx, table, key, cells).await?;
+        if self.get(conn, table, key).await?.is_some() {
+            self.upsert(conn, table, key, cells).await?;
         }
         Ok(())
     }
 
     /// Writes every row the batch changed, whole, in multi-row upserts.
     pub async fn write_back(&mut self, tx: &mut Tx) -> Result<(), sqlx::Error> {
+        for rows in self.changed_rows() {
+            rows.write(tx).await?;
+        }
+        Ok(())
+    }
+
+    /// Every row the batch changed, whole, as upserts (a set per table);
+    /// they count as unchanged afterwards.
+    pub fn changed_rows(&mut self) -> Vec<RowSet> {
+        let mut sets = Vec::new();
         for held in self.held.values_mut() {
             let changed: Vec<&Row> = std::mem::take(&mut held.changed)
                 .iter()
@@ -278,35 +293,43 @@ impl Lookups {
             let Some(table) = changed.first().map(|row| row.table) else {
                 continue;
             };
-            let width = table.columns.len();
             let columns: Vec<&str> = table.columns.iter().map(|(name, _)| *name).collect();
             let updates: Vec<String> = columns[1..]
                 .iter()
                 .map(|column| format!("{column} = EXCLUDED.{column}"))
                 .collect();
-            insert_rows(
-                tx,
-                &format!("{} ({})", self.tables.t(table.base), columns.join(", ")),
-                &format!(
+            let mut rows = RowSet::new(
+                self.tables.t(table.base),
+                table.columns,
+                format!(
                     "ON CONFLICT ({}) DO UPDATE SET {}",
                     table.key(),
                     updates.join(", ")
                 ),
-                width,
-                PARAMS_PER_WRITE / width,
-                &changed,
-                |query, row| {
-                    row.cells
-                        .iter()
-                        .zip(table.columns)
-                        .fold(query, |query, (cell, (_, kind))| {
-                            cell.field().bind(query, *kind)
-                        })
-                },
-            )
-            .await?;
+                PARAMS_PER_WRITE / table.columns.len(),
+            );
+            for row in changed {
+                rows.push(row.cells.iter().map(Cell::field));
+            }
+            sets.push(rows);
         }
-        Ok(())
+        sets
+    }
+
+    /// Starts the next batch of a fold that keeps these rows from batch to
+    /// batch (a rebuild's, [`crate::projection::Projection::rebuild_rows`]):
+    /// the rows this batch asked for stay held, so the next one reads none of
+    /// them (they may not be committed yet); the rest are dropped, to be read
+    /// again, committed, if asked for. Call after the changes are taken.
+    pub fn next_batch(&mut self) {
+        for held in self.held.values_mut() {
+            debug_assert!(
+                held.changed.is_empty(),
+                "changes taken before the next batch"
+            );
+            let asked = std::mem::take(&mut held.asked);
+            held.rows.retain(|key, _| asked.contains(key));
+        }
     }
 }
 

@@ -2,10 +2,16 @@
 //! fold of one event into rows, always inside the batch's transaction.
 
 use crm_eventlog::RecordedEvent;
-use sqlx::{Any, Transaction};
+use sqlx::{Any, AnyConnection, Transaction};
+
+use crate::rows::RowSet;
 
 /// The transaction a batch is folded in (rows + checkpoint commit together).
 pub type Tx = Transaction<'static, Any>;
+
+/// What a projection keeps from one rebuild batch to the next
+/// ([`Projection::rebuild_rows`]): its own type, boxed.
+pub type Carried = Option<Box<dyn std::any::Any + Send>>;
 
 /// Table names of one generation of one projection: rebuilds fill a new
 /// generation while the previous one keeps serving.
@@ -78,17 +84,30 @@ pub trait Projection: Send + Sync + 'static {
         false
     }
 
-    /// The rows `events` add, when this projection's fold only inserts rows
-    /// made from the events alone and reads nothing back: a rebuild on
-    /// SQLite then makes the next batch's rows while its own writer writes
-    /// these ([`crate::rebuild_writer`]). None (the default): the fold reads
-    /// rows it wrote, so batches go through [`apply_batch`](Self::apply_batch).
-    fn rows_of(
+    /// Whether a rebuild on SQLite folds this projection with
+    /// [`rebuild_rows`](Self::rebuild_rows) and hands the rows to a writer of
+    /// its own ([`crate::rebuild_writer`]), making the next batch's rows
+    /// while it writes these.
+    fn rebuilds_to_rows(&self) -> bool {
+        false
+    }
+
+    /// A rebuild's batch as the rows to write, for a projection that
+    /// [`rebuilds_to_rows`](Self::rebuilds_to_rows). `carried` is what it
+    /// kept from the batch before (None at the first): that batch may still
+    /// be being written, so rows it changed must be carried; everything
+    /// older is committed and readable through `conn`.
+    async fn rebuild_rows(
         &self,
+        _conn: &mut AnyConnection,
         _tables: &Tables,
         _events: &[RecordedEvent],
-    ) -> Option<Result<Vec<crate::rows::RowSet>, BatchError>> {
-        None
+        _carried: &mut Carried,
+    ) -> Result<Vec<RowSet>, BatchError> {
+        Err(BatchError::whole_batch(ProjectionError::Invalid(format!(
+            "{} does not rebuild to rows",
+            self.name()
+        ))))
     }
 
     /// Folds one event into the rows. Events of every stream type arrive, in
@@ -173,9 +192,13 @@ pub enum Placeholders {
 impl Placeholders {
     /// The style of the database `tx` runs on.
     pub fn of(tx: &Tx) -> Self {
+        Self::of_connection(tx)
+    }
+
+    /// The style of the database `connection` is on.
+    pub fn of_connection(connection: &AnyConnection) -> Self {
         use sqlx::Database;
         // `Any` passes the SQL text through unchanged.
-        let connection: &sqlx::AnyConnection = tx;
         if connection.backend_name() == sqlx::Sqlite::NAME {
             Self::InOrder
         } else {

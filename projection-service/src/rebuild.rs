@@ -4,7 +4,7 @@
 use crm_eventlog::{EventLog, RecordedEvent, StreamCursor};
 
 use crate::fold::{fold_batch, Advance, FoldFailure};
-use crate::projection::Projection;
+use crate::projection::{Carried, Projection, Tables};
 use crate::readdb::{ReadBackend, ReadDb};
 use crate::rebuild_writer::{RebuildWriter, WriteError};
 use crate::registry::{self, Generation};
@@ -105,12 +105,10 @@ async fn fold_in_log_order(
     batch: i64,
     progress: &mut impl FnMut(i64, i64),
 ) -> Result<(), RebuildError> {
-    let tables = generation.tables();
-    // On SQLite, rows made from the events alone go to a writer of their own.
+    // On SQLite, a projection that rebuilds to rows hands them to a writer
+    // of its own.
     let mut writer = match &db.file {
-        Some(file)
-            if db.backend == ReadBackend::Sqlite && projection.rows_of(&tables, &[]).is_some() =>
-        {
+        Some(file) if db.backend == ReadBackend::Sqlite && projection.rebuilds_to_rows() => {
             Some(RebuildWriter::open(file)?)
         }
         _ => None,
@@ -152,6 +150,7 @@ async fn fold_batches(
     progress: &mut impl FnMut(i64, i64),
 ) -> Result<(i64, i64), RebuildError> {
     let tables = generation.tables();
+    let mut carried = None;
     let (mut head, mut events) = read_ahead(log.clone(), position, batch).await?;
     loop {
         let full = events.len() as i64 == batch;
@@ -167,7 +166,14 @@ async fn fold_batches(
             to: last,
         });
         let folded = match writer.as_deref_mut() {
-            Some(writer) => hand_over(writer, projection, &tables, &events, advance).await,
+            Some(writer) => {
+                let batch = Batch {
+                    tables: &tables,
+                    events: &events,
+                    advance,
+                };
+                hand_over(db, writer, projection, batch, &mut carried).await
+            }
             None => fold_batch(db, projection, &tables, &events, advance)
                 .await
                 .map_err(|failure| fold_failed(projection, failure)),
@@ -186,29 +192,45 @@ async fn fold_batches(
     }
 }
 
+/// One batch of a rebuild: its events, the tables they go to and where the
+/// checkpoint moves.
+struct Batch<'a> {
+    tables: &'a Tables,
+    events: &'a [RecordedEvent],
+    advance: Option<Advance<'a>>,
+}
+
 /// Makes a batch's rows and hands them to `writer` with the checkpoint move.
 async fn hand_over(
+    db: &ReadDb,
     writer: &mut RebuildWriter,
     projection: &dyn Projection,
-    tables: &crate::projection::Tables,
-    events: &[RecordedEvent],
-    advance: Option<Advance<'_>>,
+    batch: Batch<'_>,
+    carried: &mut Carried,
 ) -> Result<(), RebuildError> {
-    let rows = match projection.rows_of(tables, events) {
-        Some(Ok(rows)) => rows,
-        Some(Err(failure)) => {
-            let event = failure.index.and_then(|index| events.get(index)).cloned();
-            return Err(fold_failed(
-                projection,
-                FoldFailure {
-                    event,
-                    error: failure.error,
-                },
-            ));
+    // What the fold reads must be committed, but for the batch before this
+    // one, whose changes the projection carries.
+    writer.settle().await?;
+    let mut conn = db.pool.acquire().await?;
+    let rows = projection
+        .rebuild_rows(&mut conn, batch.tables, batch.events, carried)
+        .await;
+    drop(conn);
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(failure) => {
+            let event = failure
+                .index
+                .and_then(|index| batch.events.get(index))
+                .cloned();
+            let failure = FoldFailure {
+                event,
+                error: failure.error,
+            };
+            return Err(fold_failed(projection, failure));
         }
-        None => Vec::new(),
     };
-    Ok(writer.write(rows, advance).await?)
+    Ok(writer.write(rows, batch.advance).await?)
 }
 
 /// Folds every event up to the log's current head stream by stream (see

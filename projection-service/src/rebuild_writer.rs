@@ -7,9 +7,11 @@
 //! thread and awaited, so a rebuild's fold and SQLite took turns on about one
 //! of the two CPUs (bench/README.md, cause 4). Here the rows of a batch go
 //! over in one hand-off, are written with one prepared statement per table,
-//! and the fold goes on meanwhile. Only for projections whose rows are made
-//! from the events alone ([`Projection::rows_of`]): nothing is read back, so
-//! nothing waits for a batch to be written.
+//! and the fold goes on meanwhile, for projections that rebuild to rows
+//! ([`crate::projection::Projection::rebuild_rows`]). A fold that reads rows
+//! back reads what is committed: before each batch the writer is
+//! [`settle`](RebuildWriter::settle)d to at most the batch before it in flight,
+//! whose changes the projection carries itself.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -20,10 +22,6 @@ use tokio::sync::{mpsc, oneshot};
 use crate::fold::{Advance, CLAIM_CHECKPOINT};
 use crate::readdb::{timestamp, BUSY_TIMEOUT_MS, WAL_CHECKPOINT_PAGES};
 use crate::rows::{Field, RowSet};
-
-/// Batches handed over and not yet known to be committed: one being
-/// written, one waiting, one being made by the fold.
-const IN_FLIGHT: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -65,7 +63,8 @@ impl RebuildWriter {
     /// Opens a connection on the read-model file and starts the thread.
     pub fn open(file: &Path) -> Result<Self, WriteError> {
         let connection = connect(file)?;
-        let (jobs, mut queue) = mpsc::channel::<Job>(1);
+        // Room for the batch being written and the one handed over after it.
+        let (jobs, mut queue) = mpsc::channel::<Job>(2);
         let thread = std::thread::Builder::new()
             .name("crm-rebuild-writer".into())
             .spawn(move || {
@@ -83,18 +82,24 @@ impl RebuildWriter {
         })
     }
 
-    /// Hands over a batch's rows and the checkpoint move they complete.
-    /// Returns once the writer has room for them; a failure of an earlier
-    /// batch is returned here or by [`finish`](Self::finish) (later batches
-    /// then fail too: their checkpoint claims find it unmoved).
+    /// Waits until every batch handed over but the last is committed; a
+    /// failure of one is returned here or by [`finish`](Self::finish) (later
+    /// batches then fail too: their checkpoint claims find it unmoved).
+    pub async fn settle(&mut self) -> Result<(), WriteError> {
+        while self.in_flight.len() > 1 {
+            self.wait_oldest().await?;
+        }
+        Ok(())
+    }
+
+    /// Hands over a batch's rows and the checkpoint move they complete,
+    /// after [`settle`](Self::settle): at most two batches are in flight.
     pub async fn write(
         &mut self,
         rows: Vec<RowSet>,
         advance: Option<Advance<'_>>,
     ) -> Result<(), WriteError> {
-        while self.in_flight.len() >= IN_FLIGHT {
-            self.wait_oldest().await?;
-        }
+        self.settle().await?;
         let (done, written) = oneshot::channel();
         let job = Job {
             rows,
@@ -200,9 +205,9 @@ fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::AuditProjection;
+    use crate::audit::{audit_rows, AuditProjection};
     use crate::fold::fold_batch;
-    use crate::projection::{Projection, Tables};
+    use crate::projection::Tables;
     use crate::readdb::ReadDb;
     use crate::records::scenario;
     use crate::registry;
@@ -266,7 +271,7 @@ mod tests {
         // moves no checkpoint.
         for (batch, moves) in [(first, true), (rest, true), (first, false)] {
             let to = batch.last().unwrap().position;
-            let rows = audit.rows_of(&tables, batch).unwrap().unwrap();
+            let rows = audit_rows(&tables, batch).unwrap();
             let advance = moves.then(|| Advance {
                 name: &written.name,
                 generation: written.generation,
@@ -302,10 +307,7 @@ mod tests {
             to: head + 1,
         };
         writer
-            .write(
-                audit.rows_of(&tables, &later).unwrap().unwrap(),
-                Some(stale),
-            )
+            .write(audit_rows(&tables, &later).unwrap(), Some(stale))
             .await
             .unwrap();
         let failed = writer.finish().await.unwrap_err();
@@ -323,5 +325,51 @@ mod tests {
             .await,
             0
         );
+    }
+
+    /// Each projection that rebuilds to rows, rebuilt through the writer in
+    /// batches of two (each batch folded while the one before is written,
+    /// lookups carried from batch to batch), has exactly the rows its own
+    /// fold makes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rebuilt_rows_equal_the_folded_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ReadDb::open_sqlite(&dir.path().join("read.db"))
+            .await
+            .unwrap();
+        let events = scenario::scenario();
+        for projection in crate::all_projections() {
+            if !projection.rebuilds_to_rows() {
+                continue;
+            }
+            let folded = scenario::fold_all(&db, projection.as_ref(), &events).await;
+            let rebuilt = Tables::new(projection.name(), 2);
+            crate::fold::create_tables(&db, projection.as_ref(), &rebuilt)
+                .await
+                .unwrap();
+            let mut writer = RebuildWriter::open(db.file.as_ref().unwrap()).unwrap();
+            let mut carried = None;
+            for batch in events.chunks(2) {
+                writer.settle().await.unwrap();
+                let mut conn = db.pool.acquire().await.unwrap();
+                let rows = projection
+                    .rebuild_rows(&mut conn, &rebuilt, batch, &mut carried)
+                    .await
+                    .unwrap_or_else(|failure| panic!("{:?}", failure.error));
+                drop(conn);
+                writer.write(rows, None).await.unwrap();
+            }
+            writer.finish().await.unwrap();
+            for table in projection.table_names() {
+                let rows = count(&db, format!("SELECT COUNT(*) FROM {}", folded.t(table))).await;
+                assert!(rows > 0, "{}: {table} has rows", projection.name());
+                assert_eq!(
+                    differing(&db, &folded, &rebuilt, table).await,
+                    0,
+                    "{}: {table}",
+                    projection.name()
+                );
+            }
+        }
     }
 }

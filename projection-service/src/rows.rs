@@ -13,6 +13,17 @@ pub enum Kind {
     Int,
 }
 
+/// `value` as JSON text in `buffer`, reused from value to value (a
+/// `Value`'s `to_string` goes through `fmt` and allocates a string each).
+pub fn json_into(buffer: &mut String, value: &impl serde::Serialize) {
+    buffer.clear();
+    let mut bytes = std::mem::take(buffer).into_bytes();
+    // Into a Vec, serializing fails only for a map with non-string keys,
+    // which a JSON value cannot have: the text is then just cut short.
+    let _ = serde_json::to_writer(&mut bytes, value);
+    *buffer = String::from_utf8(bytes).unwrap_or_default();
+}
+
 /// A value handed to [`RowSet::push`]; text is copied into the set's own
 /// buffer, so a batch's rows are a few large allocations, not one per value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,6 +229,15 @@ mod tests {
                 vec![Field::Int(3), Field::Text("")],
             ]
         );
+    }
+
+    #[test]
+    fn json_text_reuses_its_buffer() {
+        let mut buffer = String::from("left over");
+        json_into(&mut buffer, &serde_json::json!({"a": [1, "two"]}));
+        assert_eq!(buffer, r#"{"a":[1,"two"]}"#);
+        json_into(&mut buffer, &serde_json::Value::Null);
+        assert_eq!(buffer, "null");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crm_eventlog::testing::PgTestDb;
 use crm_eventlog::{AppendBatch, EventLog, ExpectedVersion, NewEvent, RecordedEvent, StreamAppend};
 use crm_projection_service::projection::{
-    apply_as_batch, BatchError, Projection, ProjectionError, Tables, Tx,
+    apply_as_batch, BatchError, Carried, Projection, ProjectionError, Tables, Tx,
 };
 use crm_projection_service::readdb::{ReadBackend, ReadDb};
 use crm_projection_service::registry;
@@ -516,7 +516,7 @@ async fn rebuild_by_stream_on_postgres() {
 }
 
 /// Inserts a row per event made from the event alone
-/// ([`Projection::rows_of`]), its `note` NULL unless the payload has one.
+/// ([`Projection::rebuild_rows`]), its `note` NULL unless the payload has one.
 /// With `rows_only` its own fold through sqlx refuses every batch: a rebuild
 /// that succeeds then went through the rebuild writer.
 struct Noted {
@@ -577,12 +577,17 @@ impl Projection for Noted {
     fn table_names(&self) -> Vec<&'static str> {
         vec!["seen"]
     }
-    fn rows_of(
+    fn rebuilds_to_rows(&self) -> bool {
+        true
+    }
+    async fn rebuild_rows(
         &self,
+        _conn: &mut sqlx::AnyConnection,
         tables: &Tables,
         events: &[RecordedEvent],
-    ) -> Option<Result<Vec<RowSet>, BatchError>> {
-        Some(self.rows(tables, events))
+        _carried: &mut Carried,
+    ) -> Result<Vec<RowSet>, BatchError> {
+        self.rows(tables, events)
     }
     async fn apply(
         &self,

@@ -137,10 +137,15 @@ impl Binds {
 
 /// The value of a metadata/payload key as text (strings as they are, other scalars as JSON).
 pub fn json_text(value: Option<&serde_json::Value>) -> Option<String> {
+    json_text_ref(value).map(std::borrow::Cow::into_owned)
+}
+
+/// [`json_text`] without copying a string value.
+pub fn json_text_ref(value: Option<&serde_json::Value>) -> Option<std::borrow::Cow<'_, str>> {
     match value? {
         serde_json::Value::Null => None,
-        serde_json::Value::String(s) => Some(s.clone()),
-        other => Some(other.to_string()),
+        serde_json::Value::String(s) => Some(std::borrow::Cow::Borrowed(s)),
+        other => Some(std::borrow::Cow::Owned(other.to_string())),
     }
 }
 
