@@ -243,26 +243,21 @@ mod tests {
         registry::ensure(&db).await.unwrap();
         let audit = AuditProjection;
         let events = scenario::scenario();
-        let folded = registry::create_generation(
-            &db,
-            &audit,
-            registry::BUILDING,
-            registry::Indexes::AfterLoading,
-        )
-        .await
-        .unwrap();
+        let (in_db, of_audit) = (&db, &audit);
+        let building = move || {
+            registry::create_generation(
+                in_db,
+                of_audit,
+                registry::BUILDING,
+                registry::Indexes::AfterLoading,
+            )
+        };
+        let folded = building().await.unwrap();
         fold_batch(&db, &audit, &folded.tables(), &events, None)
             .await
             .unwrap_or_else(|failure| panic!("{:?}", failure.error));
 
-        let written = registry::create_generation(
-            &db,
-            &audit,
-            registry::BUILDING,
-            registry::Indexes::AfterLoading,
-        )
-        .await
-        .unwrap();
+        let written = building().await.unwrap();
         let tables = written.tables();
         let mut writer = RebuildWriter::open(db.file.as_ref().unwrap()).unwrap();
         let (first, rest) = events.split_at(events.len() / 2);
