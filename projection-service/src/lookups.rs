@@ -9,7 +9,7 @@
 //! SQLite, a wake-up of sqlx's worker thread per statement; on PostgreSQL a
 //! round trip), not in the database.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use sqlx::{AnyConnection, Row as _};
 
@@ -118,13 +118,18 @@ const KEYS_PER_READ: usize = 500;
 /// SQLite 32,766; smaller statements keep their text short).
 const PARAMS_PER_WRITE: usize = 600;
 
-/// The rows of one table seen by the batch (None: known to be absent).
+/// A held row (None: known to be absent) and the last batch that asked for
+/// it (see [`Lookups::next_batch`]).
+struct Entry {
+    row: Option<Row>,
+    batch: u64,
+}
+
+/// The rows of one table seen by the batch.
 #[derive(Default)]
 struct Held {
-    rows: HashMap<String, Option<Row>>,
+    rows: HashMap<String, Entry>,
     changed: BTreeSet<String>,
-    /// Keys the batch asked for (see [`Lookups::next_batch`]).
-    asked: HashSet<String>,
 }
 
 /// The lookup rows one batch reads and writes.
@@ -132,6 +137,8 @@ pub struct Lookups {
     tables: Tables,
     style: Placeholders,
     held: HashMap<&'static str, Held>,
+    /// Batches started by [`Lookups::next_batch`].
+    batch: u64,
 }
 
 impl Lookups {
@@ -140,6 +147,7 @@ impl Lookups {
             tables: tables.clone(),
             style,
             held: HashMap::new(),
+            batch: 0,
         }
     }
 
@@ -150,13 +158,14 @@ impl Lookups {
         table: &'static Table,
         keys: impl IntoIterator<Item = String>,
     ) -> Result<(), sqlx::Error> {
+        let batch = self.batch;
         let held = self.held.entry(table.base).or_default();
         let mut wanted = Vec::new();
         for key in keys {
-            if !held.rows.contains_key(&key) {
-                wanted.push(key.clone());
+            match held.rows.get_mut(&key) {
+                Some(entry) => entry.batch = batch,
+                None => wanted.push(key),
             }
-            held.asked.insert(key);
         }
         wanted.sort_unstable();
         wanted.dedup();
@@ -164,11 +173,18 @@ impl Lookups {
             let rows = self.read(conn, table, chunk).await?;
             let held = self.held.entry(table.base).or_default();
             for key in chunk {
-                held.rows.insert(key.clone(), None);
+                held.rows.insert(key.clone(), Entry { row: None, batch });
             }
             for row in rows {
                 if let Cell::Text(key) = &row.cells[0] {
-                    held.rows.insert(key.clone(), Some(row));
+                    let key = key.clone();
+                    held.rows.insert(
+                        key,
+                        Entry {
+                            row: Some(row),
+                            batch,
+                        },
+                    );
                 }
             }
         }
@@ -216,18 +232,20 @@ impl Lookups {
         table: &'static Table,
         key: &str,
     ) -> Result<Option<&Row>, sqlx::Error> {
-        if !self
+        let batch = self.batch;
+        let entry = self
             .held
-            .get(table.base)
-            .is_some_and(|held| held.rows.contains_key(key) && held.asked.contains(key))
-        {
-            self.read_ahead(conn, table, [key.to_string()]).await?;
+            .get_mut(table.base)
+            .and_then(|held| held.rows.get_mut(key));
+        match entry {
+            Some(entry) => entry.batch = batch,
+            None => self.read_ahead(conn, table, [key.to_string()]).await?,
         }
         Ok(self
             .held
             .get(table.base)
             .and_then(|held| held.rows.get(key))
-            .and_then(Option::as_ref))
+            .and_then(|entry| entry.row.as_ref()))
     }
 
     /// `INSERT .. ON CONFLICT (key) DO UPDATE SET` these cells: the row gets
@@ -240,9 +258,16 @@ impl Lookups {
         cells: &[(&str, Cell)],
     ) -> Result<(), sqlx::Error> {
         self.get(conn, table, key).await?;
+        let batch = self.batch;
         let held = self.held.entry(table.base).or_default();
-        let row = held.rows.entry(key.to_string()).or_default();
-        row.get_or_insert_with(|| Row::empty(table, key)).set(cells);
+        let entry = held
+            .rows
+            .entry(key.to_string())
+            .or_insert(Entry { row: None, batch });
+        entry
+            .row
+            .get_or_insert_with(|| Row::empty(table, key))
+            .set(cells);
         held.changed.insert(key.to_string());
         Ok(())
     }
@@ -290,7 +315,7 @@ impl Lookups {
         for held in self.held.values_mut() {
             let changed: Vec<&Row> = std::mem::take(&mut held.changed)
                 .iter()
-                .filter_map(|key| held.rows.get(key).and_then(Option::as_ref))
+                .filter_map(|key| held.rows.get(key).and_then(|entry| entry.row.as_ref()))
                 .collect();
             let Some(table) = changed.first().map(|row| row.table) else {
                 continue;
@@ -329,9 +354,9 @@ impl Lookups {
                 held.changed.is_empty(),
                 "changes taken before the next batch"
             );
-            let asked = std::mem::take(&mut held.asked);
-            held.rows.retain(|key, _| asked.contains(key));
+            held.rows.retain(|_, entry| entry.batch == self.batch);
         }
+        self.batch += 1;
     }
 }
 
