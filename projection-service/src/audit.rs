@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::Row;
 
+use crate::lookups::ReadRows;
 use crate::projection::{
     apply_as_batch, decode, BatchError, Carried, Projection, ProjectionError, Tables, Tx,
 };
@@ -468,6 +469,7 @@ impl Projection for AuditProjection {
         _conn: &mut sqlx::AnyConnection,
         tables: &Tables,
         events: &[RecordedEvent],
+        _read: Vec<ReadRows>,
         _carried: &mut Carried,
     ) -> Result<Vec<RowSet>, BatchError> {
         audit_rows(tables, events)

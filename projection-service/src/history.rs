@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row as _};
 
-use crate::lookups::{self, Cell, Kind, Lookups, Table};
+use crate::lookups::{self, Cell, Kind, Lookups, ReadRows, Table, Wanted};
 use crate::projection::{
     apply_as_batch, decode, BatchError, Carried, Placeholders, Projection, ProjectionError, Tables,
     Tx,
@@ -569,13 +569,18 @@ impl Projection for HistoryProjection {
         true
     }
 
+    fn rebuild_reads(&self, events: &[RecordedEvent]) -> Wanted {
+        lookup_keys(events)
+    }
+
     /// As [`apply_batch`](Self::apply_batch), the lookup rows carried from
-    /// batch to batch ([`Lookups::next_batch`]).
+    /// batch to batch ([`Lookups::next_batch`]) and the rest read ahead.
     async fn rebuild_rows(
         &self,
         conn: &mut AnyConnection,
         tables: &Tables,
         events: &[RecordedEvent],
+        read: Vec<ReadRows>,
         carried: &mut Carried,
     ) -> Result<Vec<RowSet>, BatchError> {
         let lookups = carried
@@ -589,6 +594,7 @@ impl Projection for HistoryProjection {
                 ))
             })?;
         lookups.next_batch();
+        lookups.hold(read);
         let entries = fold_entries(conn, lookups, tables, events).await?;
         let mut rows = lookups.changed_rows();
         rows.push(entries);
@@ -733,7 +739,7 @@ static ACTIVITIES: Table = Table {
 /// The lookup rows a batch will ask for, by table: each event's own stream's
 /// row, the activity a contact event names and the contact a case names.
 /// Only a saving: a row not named here is read when first asked for.
-fn lookup_keys(events: &[RecordedEvent]) -> Vec<(&'static Table, Vec<String>)> {
+fn lookup_keys(events: &[RecordedEvent]) -> Wanted {
     let mut keys: Vec<(&'static Table, Vec<String>)> = [
         &LEADS,
         &ACCOUNTS,

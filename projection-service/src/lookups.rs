@@ -67,7 +67,7 @@ pub struct Table {
 }
 
 impl Table {
-    fn key(&self) -> &'static str {
+    pub(crate) fn key(&self) -> &'static str {
         self.columns[0].0
     }
 
@@ -89,6 +89,12 @@ pub struct Row {
 }
 
 impl Row {
+    /// A row of `table` from its cells, in the table's column order.
+    pub(crate) fn from_cells(table: &'static Table, cells: Vec<Cell>) -> Self {
+        debug_assert_eq!(cells.len(), table.columns.len());
+        Self { table, cells }
+    }
+
     fn empty(table: &'static Table, key: &str) -> Self {
         let mut cells = vec![Cell::Null; table.columns.len()];
         cells[0] = Cell::Text(key.to_string());
@@ -132,6 +138,17 @@ struct Held {
     changed: BTreeSet<String>,
 }
 
+/// Rows of one table read for a batch before it folds (a rebuild's read on
+/// its writer's connection, [`Lookups::hold`]): each key asked for, with its
+/// row or None when the table has none.
+pub struct ReadRows {
+    pub table: &'static Table,
+    pub found: Vec<(String, Option<Row>)>,
+}
+
+/// The keys of rows a batch will ask for, by table.
+pub type Wanted = Vec<(&'static Table, Vec<String>)>;
+
 /// The lookup rows one batch reads and writes.
 pub struct Lookups {
     tables: Tables,
@@ -148,6 +165,19 @@ impl Lookups {
             style,
             held: HashMap::new(),
             batch: 0,
+        }
+    }
+
+    /// Holds rows read for this batch elsewhere, for every key not held
+    /// already: a held row is the batch before's (carried, maybe changed),
+    /// newer than what was read.
+    pub fn hold(&mut self, read: Vec<ReadRows>) {
+        let batch = self.batch;
+        for ReadRows { table, found } in read {
+            let held = self.held.entry(table.base).or_default();
+            for (key, row) in found {
+                held.rows.entry(key).or_insert(Entry { row, batch });
+            }
         }
     }
 

@@ -4,6 +4,7 @@
 use crm_eventlog::RecordedEvent;
 use sqlx::{Any, AnyConnection, Transaction};
 
+use crate::lookups::{ReadRows, Wanted};
 use crate::rows::RowSet;
 
 /// The transaction a batch is folded in (rows + checkpoint commit together).
@@ -92,16 +93,27 @@ pub trait Projection: Send + Sync + 'static {
         false
     }
 
+    /// The lookup rows a rebuild's batch of `events` will ask for, for a
+    /// projection that [`rebuilds_to_rows`](Self::rebuilds_to_rows): the
+    /// writer reads them while the batch before folds, and
+    /// [`rebuild_rows`](Self::rebuild_rows) gets them.
+    fn rebuild_reads(&self, _events: &[RecordedEvent]) -> Wanted {
+        Vec::new()
+    }
+
     /// A rebuild's batch as the rows to write, for a projection that
     /// [`rebuilds_to_rows`](Self::rebuilds_to_rows). `carried` is what it
     /// kept from the batch before (None at the first): that batch may still
     /// be being written, so rows it changed must be carried; everything
-    /// older is committed and readable through `conn`.
+    /// older is committed and readable through `conn`. `read` holds the rows
+    /// of its [`rebuild_reads`](Self::rebuild_reads), read after the batch
+    /// before the one before was committed: older than what is carried.
     async fn rebuild_rows(
         &self,
         _conn: &mut AnyConnection,
         _tables: &Tables,
         _events: &[RecordedEvent],
+        _read: Vec<ReadRows>,
         _carried: &mut Carried,
     ) -> Result<Vec<RowSet>, BatchError> {
         Err(BatchError::whole_batch(ProjectionError::Invalid(format!(

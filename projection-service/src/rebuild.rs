@@ -6,7 +6,7 @@ use crm_eventlog::{EventLog, RecordedEvent, StreamCursor};
 use crate::fold::{fold_batch, Advance, FoldFailure};
 use crate::projection::{Carried, Projection, Tables};
 use crate::readdb::{ReadBackend, ReadDb};
-use crate::rebuild_writer::{RebuildWriter, WriteError};
+use crate::rebuild_writer::{PendingRead, RebuildWriter, WriteError};
 use crate::registry::{self, Generation};
 
 /// Events per transaction during a rebuild.
@@ -35,11 +35,16 @@ pub enum RebuildError {
 
 /// The log's head, then up to a batch of events after `position` (the head
 /// first: a batch short of full that reaches it means the log is replayed).
+/// `retired`, a batch already folded, is freed first, off the fold's thread.
 async fn read_ahead(
     log: EventLog,
     position: i64,
     batch: i64,
+    retired: Vec<RecordedEvent>,
 ) -> Result<(i64, Vec<RecordedEvent>), RebuildError> {
+    if !retired.is_empty() {
+        tokio::task::spawn_blocking(move || drop(retired)).await?;
+    }
     let head = log.head_position().await?;
     let events = log.read_all(position, batch).await?;
     Ok((head, events))
@@ -138,6 +143,12 @@ async fn fold_in_log_order(
 
 /// The loop of [`fold_in_log_order`]: folds (or hands to `writer`) batch
 /// after batch; returns the last position and the head it reached.
+///
+/// The log is read two batches ahead: while batch N folds, batch N+1 is
+/// already read, and with a writer its lookup rows are asked for before batch
+/// N's rows are handed over, so the writer reads them after writing batch
+/// N-1 (what batch N changes, the projection carries) and they are there when
+/// N+1 folds.
 #[allow(clippy::too_many_arguments)]
 async fn fold_batches(
     log: &EventLog,
@@ -151,13 +162,30 @@ async fn fold_batches(
 ) -> Result<(i64, i64), RebuildError> {
     let tables = generation.tables();
     let mut carried = None;
-    let (mut head, mut events) = read_ahead(log.clone(), position, batch).await?;
+    let (mut head, mut events) = read_ahead(log.clone(), position, batch, Vec::new()).await?;
+    let mut reads = match writer.as_deref_mut() {
+        Some(writer) => Some(ask_reads(writer, projection, &tables, &events).await?),
+        None => None,
+    };
+    let mut next = tokio::spawn(read_ahead(
+        log.clone(),
+        last_of(&events, position),
+        batch,
+        Vec::new(),
+    ));
+    let mut retired = Vec::new();
     loop {
         let full = events.len() as i64 == batch;
-        let last = events.last().map_or(position, |last| last.position);
-        // The next batch is read (and decoded, on another thread) while this
-        // one folds, instead of between two folds.
-        let next = tokio::spawn(read_ahead(log.clone(), last, batch));
+        let last = last_of(&events, position);
+        let (next_head, next_events) = next.await??;
+        // The batch after the next one is read (and decoded, on another
+        // thread) while this one folds, instead of between two folds.
+        next = tokio::spawn(read_ahead(
+            log.clone(),
+            last_of(&next_events, last),
+            batch,
+            std::mem::take(&mut retired),
+        ));
         let advance = (!events.is_empty()).then(|| Advance {
             name: &generation.name,
             generation: generation.generation,
@@ -167,12 +195,16 @@ async fn fold_batches(
         });
         let folded = match writer.as_deref_mut() {
             Some(writer) => {
+                let next_reads = ask_reads(writer, projection, &tables, &next_events).await;
                 let batch = Batch {
                     tables: &tables,
                     events: &events,
                     advance,
                 };
-                hand_over(db, writer, projection, batch, &mut carried).await
+                let folded =
+                    hand_over(db, writer, projection, batch, reads.take(), &mut carried).await;
+                reads = Some(next_reads?);
+                folded
             }
             None => fold_batch(db, projection, &tables, &events, advance)
                 .await
@@ -188,8 +220,26 @@ async fn fold_batches(
             return Ok((position, head.max(position)));
         }
         progress(position, head.max(position));
-        (head, events) = next.await??;
+        head = next_head;
+        retired = std::mem::replace(&mut events, next_events);
     }
+}
+
+/// The last position of `events`, or `position` when there are none.
+fn last_of(events: &[RecordedEvent], position: i64) -> i64 {
+    events.last().map_or(position, |last| last.position)
+}
+
+/// Asks `writer` for the lookup rows `events` will need when they fold.
+async fn ask_reads(
+    writer: &mut RebuildWriter,
+    projection: &dyn Projection,
+    tables: &Tables,
+    events: &[RecordedEvent],
+) -> Result<PendingRead, RebuildError> {
+    Ok(writer
+        .read(tables, projection.rebuild_reads(events))
+        .await?)
 }
 
 /// One batch of a rebuild: its events, the tables they go to and where the
@@ -200,20 +250,26 @@ struct Batch<'a> {
     advance: Option<Advance<'a>>,
 }
 
-/// Makes a batch's rows and hands them to `writer` with the checkpoint move.
+/// Makes a batch's rows (with the lookup rows read for it) and hands them to
+/// `writer` with the checkpoint move.
 async fn hand_over(
     db: &ReadDb,
     writer: &mut RebuildWriter,
     projection: &dyn Projection,
     batch: Batch<'_>,
+    reads: Option<PendingRead>,
     carried: &mut Carried,
 ) -> Result<(), RebuildError> {
+    let read = match reads {
+        Some(reads) => reads.await.map_err(|_| WriteError::Stopped)??,
+        None => Vec::new(),
+    };
     // What the fold reads must be committed, but for the batch before this
     // one, whose changes the projection carries.
     writer.settle().await?;
     let mut conn = db.pool.acquire().await?;
     let rows = projection
-        .rebuild_rows(&mut conn, batch.tables, batch.events, carried)
+        .rebuild_rows(&mut conn, batch.tables, batch.events, read, carried)
         .await;
     drop(conn);
     let rows = match rows {

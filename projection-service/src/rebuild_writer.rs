@@ -16,10 +16,12 @@
 use std::collections::VecDeque;
 use std::path::Path;
 
-use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::fold::{Advance, CLAIM_CHECKPOINT};
+use crate::lookups::{Cell, Kind, ReadRows, Row, Wanted};
+use crate::projection::Tables;
 use crate::readdb::{timestamp, BUSY_TIMEOUT_MS, WAL_CHECKPOINT_PAGES};
 use crate::rows::{Field, RowSet};
 
@@ -41,11 +43,24 @@ struct Checkpoint {
     to: i64,
 }
 
-struct Job {
-    rows: Vec<RowSet>,
-    checkpoint: Option<Checkpoint>,
-    done: oneshot::Sender<Written>,
+/// What the writer's thread is asked to do, in the order asked.
+enum Job {
+    Write {
+        rows: Vec<RowSet>,
+        checkpoint: Option<Checkpoint>,
+        done: oneshot::Sender<Written>,
+    },
+    /// Lookup rows read on the writer's connection: they see every batch
+    /// handed over before the read, committed.
+    Read {
+        tables: Tables,
+        wanted: Wanted,
+        done: oneshot::Sender<Result<Vec<ReadRows>, WriteError>>,
+    },
 }
+
+/// Lookup rows asked for with [`RebuildWriter::read`], to come.
+pub type PendingRead = oneshot::Receiver<Result<Vec<ReadRows>, WriteError>>;
 
 /// A batch's outcome, and its rows handed back to the fold's thread, which
 /// made them, to be freed there (glibc frees a block into the arena of the
@@ -64,15 +79,31 @@ impl RebuildWriter {
     /// Opens a connection on the read-model file and starts the thread.
     pub fn open(file: &Path) -> Result<Self, WriteError> {
         let connection = connect(file)?;
-        // Room for the batch being written and the one handed over after it.
-        let (jobs, mut queue) = mpsc::channel::<Job>(2);
+        // Room for the batch being written, the one handed over after it and
+        // their reads.
+        let (jobs, mut queue) = mpsc::channel::<Job>(4);
         let thread = std::thread::Builder::new()
             .name("crm-rebuild-writer".into())
             .spawn(move || {
                 let mut connection = connection;
                 while let Some(job) = queue.blocking_recv() {
-                    let written = write(&mut connection, &job.rows, job.checkpoint.as_ref());
-                    let _ = job.done.send((written, job.rows));
+                    match job {
+                        Job::Write {
+                            rows,
+                            checkpoint,
+                            done,
+                        } => {
+                            let written = write(&mut connection, &rows, checkpoint.as_ref());
+                            let _ = done.send((written, rows));
+                        }
+                        Job::Read {
+                            tables,
+                            wanted,
+                            done,
+                        } => {
+                            let _ = done.send(read(&mut connection, &tables, wanted));
+                        }
+                    }
                 }
             })
             .map_err(|_| WriteError::Stopped)?;
@@ -102,7 +133,7 @@ impl RebuildWriter {
     ) -> Result<(), WriteError> {
         self.settle().await?;
         let (done, written) = oneshot::channel();
-        let job = Job {
+        let job = Job::Write {
             rows,
             checkpoint: advance.map(|advance| Checkpoint {
                 name: advance.name.to_string(),
@@ -116,6 +147,25 @@ impl RebuildWriter {
         jobs.send(job).await.map_err(|_| WriteError::Stopped)?;
         self.in_flight.push_back(written);
         Ok(())
+    }
+
+    /// Reads the lookup rows `wanted` from `tables` once every batch handed
+    /// over so far is written (or has failed: its failure is reported by
+    /// [`settle`](Self::settle) or [`finish`](Self::finish)).
+    pub async fn read(
+        &mut self,
+        tables: &Tables,
+        wanted: Wanted,
+    ) -> Result<PendingRead, WriteError> {
+        let (done, read) = oneshot::channel();
+        let job = Job::Read {
+            tables: tables.clone(),
+            wanted,
+            done,
+        };
+        let jobs = self.jobs.as_ref().ok_or(WriteError::Stopped)?;
+        jobs.send(job).await.map_err(|_| WriteError::Stopped)?;
+        Ok(read)
     }
 
     async fn wait_oldest(&mut self) -> Result<(), WriteError> {
@@ -153,6 +203,50 @@ fn connect(file: &Path) -> Result<Connection, WriteError> {
          PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES};"
     ))?;
     Ok(connection)
+}
+
+/// The rows of the keys `wanted`, one cached statement per table, each key
+/// looked up once, in key order, all in one read transaction (a statement
+/// outside one takes and drops the file's locks by itself).
+fn read(
+    connection: &mut Connection,
+    tables: &Tables,
+    wanted: Wanted,
+) -> Result<Vec<ReadRows>, WriteError> {
+    let connection = connection.transaction_with_behavior(TransactionBehavior::Deferred)?;
+    let mut read = Vec::with_capacity(wanted.len());
+    for (table, mut keys) in wanted {
+        keys.sort_unstable();
+        keys.dedup();
+        let columns: Vec<&str> = table.columns.iter().map(|(name, _)| *name).collect();
+        let mut select = connection.prepare_cached(&format!(
+            "SELECT {} FROM {} WHERE {} = ?",
+            columns.join(", "),
+            tables.t(table.base),
+            table.key()
+        ))?;
+        let mut found = Vec::with_capacity(keys.len());
+        for key in keys {
+            let row = select
+                .query_row([&key], |row| {
+                    let mut cells = Vec::with_capacity(table.columns.len());
+                    for (index, (_, kind)) in table.columns.iter().enumerate() {
+                        cells.push(match kind {
+                            Kind::Text => Cell::from(row.get::<_, Option<String>>(index)?),
+                            Kind::Int => row
+                                .get::<_, Option<i64>>(index)?
+                                .map_or(Cell::Null, Cell::Int),
+                        });
+                    }
+                    Ok(Row::from_cells(table, cells))
+                })
+                .optional()?;
+            found.push((key, row));
+        }
+        read.push(ReadRows { table, found });
+    }
+    connection.commit()?;
+    Ok(read)
 }
 
 /// One batch in one transaction: the checkpoint claimed first (as
@@ -325,8 +419,8 @@ mod tests {
 
     /// Each projection that rebuilds to rows, rebuilt through the writer in
     /// batches of two (each batch folded while the one before is written,
-    /// lookups carried from batch to batch), has exactly the rows its own
-    /// fold makes.
+    /// its lookup rows read by the writer before that, the rows the batch
+    /// before asked for carried), has exactly the rows its own fold makes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn rebuilt_rows_equal_the_folded_ones() {
         let dir = tempfile::tempdir().unwrap();
@@ -345,15 +439,35 @@ mod tests {
                 .unwrap();
             let mut writer = RebuildWriter::open(db.file.as_ref().unwrap()).unwrap();
             let mut carried = None;
-            for batch in events.chunks(2) {
+            let batches: Vec<&[crm_eventlog::RecordedEvent]> = events.chunks(2).collect();
+            let mut reads = Some(
+                writer
+                    .read(&rebuilt, projection.rebuild_reads(batches[0]))
+                    .await
+                    .unwrap(),
+            );
+            for (index, batch) in batches.iter().enumerate() {
+                // As a rebuild asks: the next batch's reads before this
+                // batch's rows are handed over.
+                let next_reads = match batches.get(index + 1) {
+                    Some(next) => Some(
+                        writer
+                            .read(&rebuilt, projection.rebuild_reads(next))
+                            .await
+                            .unwrap(),
+                    ),
+                    None => None,
+                };
+                let read = reads.take().unwrap().await.unwrap().unwrap();
                 writer.settle().await.unwrap();
                 let mut conn = db.pool.acquire().await.unwrap();
                 let rows = projection
-                    .rebuild_rows(&mut conn, &rebuilt, batch, &mut carried)
+                    .rebuild_rows(&mut conn, &rebuilt, batch, read, &mut carried)
                     .await
                     .unwrap_or_else(|failure| panic!("{:?}", failure.error));
                 drop(conn);
                 writer.write(rows, None).await.unwrap();
+                reads = next_reads;
             }
             writer.finish().await.unwrap();
             for table in projection.table_names() {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crm_eventlog::testing::PgTestDb;
 use crm_eventlog::{AppendBatch, EventLog, ExpectedVersion, NewEvent, RecordedEvent, StreamAppend};
+use crm_projection_service::lookups::ReadRows;
 use crm_projection_service::projection::{
     apply_as_batch, BatchError, Carried, Projection, ProjectionError, Tables, Tx,
 };
@@ -585,6 +586,7 @@ impl Projection for Noted {
         _conn: &mut sqlx::AnyConnection,
         tables: &Tables,
         events: &[RecordedEvent],
+        _read: Vec<ReadRows>,
         _carried: &mut Carried,
     ) -> Result<Vec<RowSet>, BatchError> {
         self.rows(tables, events)
