@@ -16,14 +16,23 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use crm_command_service::{Role, Tokens};
 
-/// The system allocator unless built with `--features mimalloc`. Measured by
-/// crm-bench on the embedded store (bench/README.md): glibc kept `crm serve`
-/// about 20 MiB smaller than mimalloc after the load, after a restart and
-/// under commands and queries, for commands/s within the runs' noise; and heap
-/// profilers (heaptrack, valgrind) see into it.
+/// jemalloc for Rust's allocations (the default `jemalloc` feature;
+/// `--no-default-features` gives glibc's, `--features mimalloc` mimalloc).
+/// Measured (bench/README.md, cause 4): a history rebuild of a million events
+/// by hand took 16.1-18.1 s with jemalloc preloaded against 26.9-27.4 s with
+/// glibc's malloc, whose
+/// frees of the fold's short-lived values (decoded events, lookup rows) went
+/// to `malloc_consolidate` and the arena locks; `crm serve` peaked at 107.56 MB
+/// with a million events against 95.34 MB with glibc's (target 150 MB), and
+/// mimalloc had peaked at 157.48 MB with 100,000. SQLite's own allocations
+/// stay with glibc's malloc (see [`limit_malloc_arenas`]).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(
@@ -113,7 +122,8 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// glibc gives threads that allocate at once arenas of their own, up to 8 per
+/// For what still allocates with glibc's malloc (SQLite's C code, and all of
+/// `crm` built without jemalloc): glibc gives threads that allocate at once arenas of their own, up to 8 per
 /// CPU, and memory freed in one arena serves only that arena: with the tokio
 /// workers, the blocking pool and a thread per SQLite connection, RSS grew
 /// with the number of arenas, not with the data. Two per CPU: on 2 CPUs,
