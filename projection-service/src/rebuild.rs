@@ -164,7 +164,7 @@ async fn fold_batches(
     let mut carried = None;
     let (mut head, mut events) = read_ahead(log.clone(), position, batch, Vec::new()).await?;
     let mut reads = match writer.as_deref_mut() {
-        Some(writer) => Some(ask_reads(writer, projection, &tables, &events).await?),
+        Some(writer) => ask_reads(writer, projection, &tables, &events).await?,
         None => None,
     };
     let mut next = tokio::spawn(read_ahead(
@@ -203,8 +203,7 @@ async fn fold_batches(
                 };
                 let folded =
                     hand_over(db, writer, projection, batch, reads.take(), &mut carried).await;
-                reads = Some(next_reads?);
-                folded
+                folded.and_then(|()| next_reads.map(|next_reads| reads = next_reads))
             }
             None => fold_batch(db, projection, &tables, &events, advance)
                 .await
@@ -230,16 +229,19 @@ fn last_of(events: &[RecordedEvent], position: i64) -> i64 {
     events.last().map_or(position, |last| last.position)
 }
 
-/// Asks `writer` for the lookup rows `events` will need when they fold.
+/// Asks `writer` for the lookup rows `events` will need when they fold, if
+/// the projection names any.
 async fn ask_reads(
     writer: &mut RebuildWriter,
     projection: &dyn Projection,
     tables: &Tables,
     events: &[RecordedEvent],
-) -> Result<PendingRead, RebuildError> {
-    Ok(writer
-        .read(tables, projection.rebuild_reads(events))
-        .await?)
+) -> Result<Option<PendingRead>, RebuildError> {
+    let wanted = projection.rebuild_reads(events);
+    if wanted.iter().all(|(_, keys)| keys.is_empty()) {
+        return Ok(None);
+    }
+    Ok(Some(writer.read(tables, wanted).await?))
 }
 
 /// One batch of a rebuild: its events, the tables they go to and where the
