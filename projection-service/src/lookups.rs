@@ -1,8 +1,8 @@
 //! Keyed rows of a projection's lookup tables, held in memory for one batch:
 //! read ahead (many keys per statement) or at first use, changed in memory,
 //! and written back in multi-row upserts when the batch ends (in a rebuild,
-//! handed to its writer as rows, and the batch's rows carried to the next:
-//! [`Lookups::next_batch`]).
+//! read ahead by its writer ([`Lookups::hold`]), handed to it as rows, and
+//! the batch's rows carried to the next: [`Lookups::next_batch`]).
 //!
 //! Why: a fold that read and wrote these rows with a statement or two per
 //! event spent most of its time handing statements to the database (on

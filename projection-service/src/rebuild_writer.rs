@@ -11,7 +11,9 @@
 //! ([`crate::projection::Projection::rebuild_rows`]). A fold that reads rows
 //! back reads what is committed: before each batch the writer is
 //! [`settle`](RebuildWriter::settle)d to at most the batch before it in flight,
-//! whose changes the projection carries itself.
+//! whose changes the projection carries itself. The lookup rows a batch names
+//! are read here too ([`RebuildWriter::read`]), queued before the batch ahead
+//! of it is handed over, so they are read while that one folds.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -51,7 +53,7 @@ enum Job {
         done: oneshot::Sender<Written>,
     },
     /// Lookup rows read on the writer's connection: they see every batch
-    /// handed over before the read, committed.
+    /// handed over before the read (committed, or failed and rolled back).
     Read {
         tables: Tables,
         wanted: Wanted,
