@@ -65,9 +65,10 @@ enum Job {
 pub type PendingRead = oneshot::Receiver<Result<Vec<ReadRows>, WriteError>>;
 
 /// A batch's outcome, and its rows handed back to the fold's thread, which
-/// made them, to be freed there (glibc frees a block into the arena of the
-/// thread that allocated it, under that arena's lock; a batch's rows are a
-/// few buffers since [`RowSet`] holds its text in one).
+/// made them, to be freed there: measured with glibc's malloc (`crm` built
+/// without jemalloc), which frees a block into the arena of the thread that
+/// allocated it, under that arena's lock. A batch's rows are a few buffers
+/// since [`RowSet`] holds its text in one.
 type Written = (Result<(), WriteError>, Vec<RowSet>);
 
 /// The writer thread and the batches handed to it.
