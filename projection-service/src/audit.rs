@@ -1,7 +1,8 @@
 //! The audit read model: one entry per event of every stream (when, who,
 //! with which roles, which command, which stream and version, correlation
-//! and causation ids) and its field-level changes (field, old -> new), kept
-//! in a child table so entries can be filtered by the field they changed.
+//! and causation ids, its field-level changes old -> new), and the names of
+//! the fields each event changed in a table of their own, so entries can be
+//! filtered by the field they changed.
 //! Queries: a filtered, cursor-paginated list and a streaming export
 //! (CSV / JSON lines) that never holds more than one page in memory.
 
@@ -21,7 +22,7 @@ use sqlx::Row;
 
 use crate::lookups::ReadRows;
 use crate::projection::{
-    apply_as_batch, decode, BatchError, Carried, Projection, ProjectionError, Tables, Tx,
+    apply_as_batch, decode, BatchError, Carried, Projection, ProjectionError, Tables, Tx, KEY_ONLY,
 };
 use crate::readdb::{timestamp, ReadDb};
 use crate::records::paging::{
@@ -29,7 +30,8 @@ use crate::records::paging::{
     Binds,
 };
 pub use crate::records::paging::{Page, QueryError};
-use crate::rows::{json_into, Field, Kind, RowSet};
+use crate::registry::Generation;
+use crate::rows::{Field, Kind, RowSet};
 
 /// Name of the projection (and prefix of its tables).
 pub const NAME: &str = "audit";
@@ -38,9 +40,43 @@ const CURSOR_TAG: &str = "a1";
 pub const EXPORT_PAGE: i64 = 1000;
 
 /// The audit projection: tables `entries` (one row per event, keyed by
-/// global position) and `changes` (one row per changed field).
+/// global position, its changes old -> new as JSON) and `changed_fields`
+/// (field, position: one row per field an event changed).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct AuditProjection;
+
+/// The tables one generation of the audit trail serves queries from, as
+/// its version laid them out.
+#[derive(Debug, Clone)]
+pub struct AuditTables {
+    tables: Tables,
+    /// Base name of the table of (field, position) rows the `field` filter
+    /// reads: version 1 kept every change, values included, in `changes`
+    /// (the values are in the entry too); version 2 keeps only the names.
+    by_field: &'static str,
+}
+
+impl AuditTables {
+    /// The tables of `generation`, an audit generation of any version.
+    pub fn of(generation: &Generation) -> Self {
+        Self {
+            tables: generation.tables(),
+            by_field: if generation.version < 2 {
+                "changes"
+            } else {
+                "changed_fields"
+            },
+        }
+    }
+
+    /// `tables` laid out by this version of the projection.
+    pub fn current(tables: &Tables) -> Self {
+        Self {
+            tables: tables.clone(),
+            by_field: "changed_fields",
+        }
+    }
+}
 
 /// One audit entry.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -138,11 +174,11 @@ impl Filter {
     }
 
     /// The page query after `after`, `limit` rows.
-    fn sql(&self, tables: &Tables, after: Option<i64>, limit: i64) -> (String, Binds) {
+    fn sql(&self, tables: &AuditTables, after: Option<i64>, limit: i64) -> (String, Binds) {
         let mut b = Binds::default();
         let mut sql = format!(
             "SELECT {ENTRY_COLUMNS} FROM {} e WHERE 1 = 1",
-            tables.t("entries")
+            tables.tables.t("entries")
         );
         let mut eq = |sql: &mut String, column: &str, value: &Option<String>, op: &str| {
             if let Some(v) = value {
@@ -158,7 +194,7 @@ impl Filter {
         if let Some(field) = &self.field {
             sql.push_str(&format!(
                 " AND EXISTS (SELECT 1 FROM {} c WHERE c.position = e.position AND c.field = {})",
-                tables.t("changes"),
+                tables.tables.t(tables.by_field),
                 b.text(field.clone())
             ));
         }
@@ -198,7 +234,7 @@ fn entry_from_row(row: &sqlx::any::AnyRow) -> Result<AuditEntry, QueryError> {
 
 async fn fetch(
     db: &ReadDb,
-    tables: &Tables,
+    tables: &AuditTables,
     filter: &Filter,
     after: Option<i64>,
     limit: i64,
@@ -211,7 +247,7 @@ async fn fetch(
 /// `GET /v1/audit`: entries matching `query`, by global position ascending.
 pub async fn list(
     db: &ReadDb,
-    tables: &Tables,
+    tables: &AuditTables,
     query: &AuditQuery,
 ) -> Result<Page<AuditEntry>, QueryError> {
     let filter = Filter::parse(query)?;
@@ -235,7 +271,7 @@ pub async fn list(
 /// with an `Err` item.
 pub fn export(
     db: &ReadDb,
-    tables: &Tables,
+    tables: &AuditTables,
     query: &AuditQuery,
 ) -> Result<impl Stream<Item = Result<AuditEntry, QueryError>> + Send + 'static, QueryError> {
     let filter = Filter::parse(query)?;
@@ -373,13 +409,15 @@ impl Projection for AuditProjection {
         true // an entry is built from its event alone
     }
 
+    /// 2: the changed fields' names in `changed_fields` (field, position)
+    /// instead of every change with its values in `changes`.
     fn version(&self) -> i64 {
-        1
+        2
     }
 
     fn schema(&self, tables: &Tables) -> Vec<String> {
         let entries = tables.t("entries");
-        let changes = tables.t("changes");
+        let changed_fields = tables.t("changed_fields");
         vec![
             format!(
                 "CREATE TABLE IF NOT EXISTS {entries} (
@@ -402,13 +440,10 @@ impl Projection for AuditProjection {
                     changes TEXT NOT NULL)"
             ),
             format!(
-                "CREATE TABLE IF NOT EXISTS {changes} (
-                    position BIGINT NOT NULL,
-                    seq BIGINT NOT NULL,
+                "CREATE TABLE IF NOT EXISTS {changed_fields} (
                     field TEXT NOT NULL,
-                    old_value TEXT NOT NULL,
-                    new_value TEXT NOT NULL,
-                    PRIMARY KEY (position, seq))"
+                    position BIGINT NOT NULL,
+                    PRIMARY KEY (field, position)){KEY_ONLY}"
             ),
             format!(
                 "CREATE INDEX IF NOT EXISTS {} ON {entries} (stream_type, stream_id, position)",
@@ -426,15 +461,15 @@ impl Projection for AuditProjection {
                 "CREATE INDEX IF NOT EXISTS {} ON {entries} (event_type, position)",
                 tables.t("entries_type_ix")
             ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS {} ON {changes} (field, position)",
-                tables.t("changes_field_ix")
-            ),
         ]
     }
 
     fn table_names(&self) -> Vec<&'static str> {
-        vec!["entries", "changes"]
+        vec!["entries", "changed_fields"]
+    }
+
+    fn retired_table_names(&self) -> Vec<&'static str> {
+        vec!["changes"]
     }
 
     async fn apply(
@@ -481,10 +516,10 @@ impl Projection for AuditProjection {
 const ROWS_PER_INSERT: usize = 50;
 
 /// Room reserved up front for a batch's rows: changed fields per event
-/// (4.6 on the benchmark's store) and bytes of text per entry and per change.
+/// (4.6 on the benchmark's store) and bytes of text per entry and per field.
 const CHANGES_PER_EVENT: usize = 5;
 const ENTRY_TEXT: usize = 600;
-const CHANGE_TEXT: usize = 48;
+const FIELD_TEXT: usize = 16;
 
 static ENTRY_ROW: [(&str, Kind); 17] = [
     ("position", Kind::Int),
@@ -506,16 +541,10 @@ static ENTRY_ROW: [(&str, Kind); 17] = [
     ("changes", Kind::Text),
 ];
 
-static CHANGE_ROW: [(&str, Kind); 5] = [
-    ("position", Kind::Int),
-    ("seq", Kind::Int),
-    ("field", Kind::Text),
-    ("old_value", Kind::Text),
-    ("new_value", Kind::Text),
-];
+static CHANGED_FIELD_ROW: [(&str, Kind); 2] = [("field", Kind::Text), ("position", Kind::Int)];
 
-/// The audit rows of `events`: an entry each and a row per changed field,
-/// made from the events alone.
+/// The audit rows of `events`: an entry each and a row per field it
+/// changed, made from the events alone.
 pub(crate) fn audit_rows(
     tables: &Tables,
     events: &[RecordedEvent],
@@ -526,32 +555,26 @@ pub(crate) fn audit_rows(
         "ON CONFLICT (position) DO NOTHING".into(),
         ROWS_PER_INSERT,
     );
-    let mut changes = RowSet::new(
-        tables.t("changes"),
-        &CHANGE_ROW,
-        "ON CONFLICT (position, seq) DO NOTHING".into(),
+    let mut changed_fields = RowSet::new(
+        tables.t("changed_fields"),
+        &CHANGED_FIELD_ROW,
+        "ON CONFLICT (field, position) DO NOTHING".into(),
         ROWS_PER_INSERT,
     );
     entries.reserve(events.len(), ENTRY_TEXT);
-    changes.reserve(events.len() * CHANGES_PER_EVENT, CHANGE_TEXT);
-    let mut old = String::new();
-    let mut new = String::new();
+    changed_fields.reserve(events.len() * CHANGES_PER_EVENT, FIELD_TEXT);
     for (index, event) in events.iter().enumerate() {
         let event_changes = changes_of(event).map_err(BatchError::at(index))?;
         push_entry(&mut entries, event, &event_changes);
-        for (seq, change) in event_changes.iter().enumerate() {
-            json_into(&mut old, &change.old);
-            json_into(&mut new, &change.new);
-            changes.push([
-                Field::Int(event.position),
-                Field::Int(seq as i64),
-                Field::Text(&change.field),
-                Field::Text(&old),
-                Field::Text(&new),
-            ]);
+        // One row per field, however often the event names it.
+        let mut fields: Vec<&str> = event_changes.iter().map(|c| c.field.as_str()).collect();
+        fields.sort_unstable();
+        fields.dedup();
+        for field in &fields {
+            changed_fields.push([Field::Text(field), Field::Int(event.position)]);
         }
     }
-    Ok(vec![entries, changes])
+    Ok(vec![entries, changed_fields])
 }
 
 /// Adds the audit entry of `event`, in [`ENTRY_ROW`] order.
@@ -804,7 +827,7 @@ mod tests {
         AuditQuery::default()
     }
 
-    async fn positions(db: &ReadDb, tables: &Tables, query: AuditQuery) -> Vec<i64> {
+    async fn positions(db: &ReadDb, tables: &AuditTables, query: AuditQuery) -> Vec<i64> {
         let page = list(
             db,
             tables,
@@ -821,7 +844,7 @@ mod tests {
 
     async fn scenario_body(db: ReadDb) {
         let events = scenario::scenario();
-        let tables = fold_all(&db, &AuditProjection, &events).await;
+        let tables = AuditTables::current(&fold_all(&db, &AuditProjection, &events).await);
 
         // One entry per event, in log order.
         let all = positions(&db, &tables, q()).await;
@@ -1130,6 +1153,7 @@ mod tests {
                 .unwrap();
         }
 
+        let tables = AuditTables::current(&tables);
         let mut stream = export(&db, &tables, &q()).unwrap();
         let mut expected = 1;
         let mut csv = String::from(CSV_HEADER);
@@ -1202,6 +1226,72 @@ mod tests {
         audit_export_on_sqlite,
         audit_export_on_postgres,
         export_body
+    );
+
+    /// A version 1 generation (every change in `changes`, values included)
+    /// still answers the `field` filter until its rebuild replaces it, and
+    /// its `changes` table goes when the generation is dropped.
+    async fn version_1_body(db: ReadDb) {
+        let tables = fold_all(&db, &AuditProjection, &scenario::scenario()).await;
+        let exec = |sql: String| {
+            let pool = db.pool.clone();
+            async move { sqlx::query(&sql).execute(&pool).await.map(|_| ()) }
+        };
+        let (changes, changed_fields) = (tables.t("changes"), tables.t("changed_fields"));
+        exec(format!(
+            "CREATE TABLE {changes} (position BIGINT NOT NULL, seq BIGINT NOT NULL, \
+             field TEXT NOT NULL, old_value TEXT NOT NULL, new_value TEXT NOT NULL, \
+             PRIMARY KEY (position, seq))"
+        ))
+        .await
+        .unwrap();
+        exec(format!(
+            "INSERT INTO {changes} SELECT position, (SELECT COUNT(*) FROM {changed_fields} b \
+             WHERE b.position = a.position AND b.field < a.field), field, 'old', 'new' \
+             FROM {changed_fields} a"
+        ))
+        .await
+        .unwrap();
+        exec(format!("DELETE FROM {changed_fields}")).await.unwrap();
+        let generation = Generation {
+            name: NAME.into(),
+            generation: 1,
+            version: 1,
+            state: crate::registry::ACTIVE.into(),
+            checkpoint: 30,
+            failed_event_id: None,
+            failed_position: None,
+            error: None,
+            updated_at: ts(30),
+        };
+        let field = |name: &str| AuditQuery {
+            field: Some(name.into()),
+            ..q()
+        };
+        let old = AuditTables::of(&generation);
+        assert_eq!(positions(&db, &old, field("industry")).await, vec![20]);
+        assert_eq!(positions(&db, &old, field("assignee")).await, vec![17]);
+        let current = AuditTables::current(&tables);
+        assert_eq!(
+            positions(&db, &current, field("industry")).await,
+            Vec::<i64>::new()
+        );
+
+        crate::fold::drop_tables(&db, &AuditProjection, &tables)
+            .await
+            .unwrap();
+        for table in [changes, changed_fields, tables.t("entries")] {
+            assert!(
+                exec(format!("SELECT 1 FROM {table}")).await.is_err(),
+                "{table} dropped"
+            );
+        }
+    }
+
+    on_both_backends!(
+        audit_version_1_on_sqlite,
+        audit_version_1_on_postgres,
+        version_1_body
     );
 
     /// Parses the first RFC 4180 record of `text` (test oracle).

@@ -33,7 +33,8 @@ pub async fn drop_tables(
     tables: &Tables,
 ) -> Result<(), sqlx::Error> {
     let mut tx = db.begin_write().await?;
-    for base in projection.table_names() {
+    let bases = projection.table_names().into_iter();
+    for base in bases.chain(projection.retired_table_names()) {
         sqlx::query(&format!("DROP TABLE IF EXISTS {}", tables.t(base)))
             .execute(&mut *tx)
             .await?;

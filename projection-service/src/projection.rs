@@ -67,6 +67,12 @@ pub trait Projection: Send + Sync + 'static {
     /// Base names of the tables `schema` creates (dropped with their generation).
     fn table_names(&self) -> Vec<&'static str>;
 
+    /// Base names of tables that earlier versions made and this one does not:
+    /// dropped with an old generation, beside [`Projection::table_names`].
+    fn retired_table_names(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
+
     /// True when every row this projection writes for an event depends only on
     /// that event's own stream (no lookups of rows other streams wrote): its
     /// work may then be split by stream partition and folded out of global
@@ -228,18 +234,30 @@ impl Placeholders {
 /// generations made before keep serving. Anything else (other keys, indexes,
 /// PostgreSQL, where INTEGER is 32-bit) is unchanged. (`WITHOUT ROWID` for
 /// the other keys was tried: records, whose rows are large, rebuilt at half
-/// the rate.)
+/// the rate.) A table that ends in [`KEY_ONLY`] becomes `WITHOUT ROWID`
+/// there: its rows are its key, so the key's B-tree is the whole table.
 pub fn table_layout(style: Placeholders, statement: &str) -> std::borrow::Cow<'_, str> {
     const INT_KEY: &str = "BIGINT PRIMARY KEY";
     let words: Vec<&str> = statement.split_whitespace().take(2).collect();
     let creates_table = matches!(words.as_slice(), [create, table]
         if create.eq_ignore_ascii_case("CREATE") && table.eq_ignore_ascii_case("TABLE"));
-    if style == Placeholders::InOrder && creates_table && statement.contains(INT_KEY) {
+    if style != Placeholders::InOrder || !creates_table {
+        return statement.into();
+    }
+    if let Some(table) = statement.strip_suffix(KEY_ONLY) {
+        format!("{table} WITHOUT ROWID").into()
+    } else if statement.contains(INT_KEY) {
         statement.replacen(INT_KEY, "INTEGER PRIMARY KEY", 1).into()
     } else {
         statement.into()
     }
 }
+
+/// Ends the `CREATE TABLE` of a table whose every column is in its primary
+/// key (an index kept as a table, such as the audit trail's changed fields).
+/// SQLite stores it `WITHOUT ROWID` ([`table_layout`]), one B-tree per row
+/// instead of the rowid table and the key's index; elsewhere it is a comment.
+pub const KEY_ONLY: &str = " /* key only */";
 
 /// Rows of `columns` values each, numbered `$1..` on PostgreSQL (in row
 /// order, as each row's binds are added) or `?` on SQLite: `($1, $2), ($3,
@@ -364,7 +382,9 @@ pub fn decode<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E
 
 #[cfg(test)]
 mod tests {
-    use super::{insert_rows, table_layout, values_placeholders, Placeholders, Projection, Tables};
+    use super::{
+        insert_rows, table_layout, values_placeholders, Placeholders, Projection, Tables, KEY_ONLY,
+    };
     use crate::readdb::ReadDb;
     use crate::records::scenario::on_both_backends;
     use sqlx::Row;
@@ -387,8 +407,19 @@ mod tests {
         assert_eq!(table_layout(Placeholders::Numbered, postgres), postgres);
     }
 
+    #[test]
+    fn key_only_tables_are_without_rowid_on_sqlite() {
+        let key_only = format!("CREATE TABLE f (a TEXT, b BIGINT, PRIMARY KEY (a, b)){KEY_ONLY}");
+        assert_eq!(
+            table_layout(Placeholders::InOrder, &key_only),
+            "CREATE TABLE f (a TEXT, b BIGINT, PRIMARY KEY (a, b)) WITHOUT ROWID"
+        );
+        assert_eq!(table_layout(Placeholders::Numbered, &key_only), key_only);
+    }
+
     /// The timeline's and the audit trail's entries, as a generation makes
-    /// them on SQLite: the position is the rowid (no second B-tree).
+    /// them on SQLite: the position is the rowid (no second B-tree); the
+    /// audit trail's changed fields are a key-only table (one B-tree).
     #[tokio::test]
     async fn entries_on_sqlite_are_keyed_by_rowid() {
         let dir = tempfile::tempdir().unwrap();
@@ -417,6 +448,16 @@ mod tests {
             .collect();
             assert_eq!(automatic, Vec::<String>::new(), "{}", projection.name());
         }
+        let without_rowid: i64 =
+            sqlx::query_scalar("SELECT wr FROM pragma_table_list WHERE name = ?")
+                .bind(Tables::new("audit", 1).t("changed_fields"))
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            without_rowid, 1,
+            "the audit trail's changed fields are key only"
+        );
     }
 
     /// Writes `rows` into a new table `numbers (n, label)` keyed by `n`

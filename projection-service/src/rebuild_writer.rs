@@ -376,7 +376,7 @@ mod tests {
             from = to;
         }
         writer.finish().await.unwrap();
-        for table in ["entries", "changes"] {
+        for table in ["entries", "changed_fields"] {
             assert_eq!(differing(&db, &folded.tables(), &tables, table).await, 0);
             let rows = count(&db, format!("SELECT COUNT(*) FROM {}", tables.t(table))).await;
             assert!(rows >= events.len() as i64, "{table}: {rows} rows");

@@ -417,10 +417,14 @@ async fn audit_list(
     actor.require_read(ReadArea::Audit)?;
     let (query, min) = parse::<audit::AuditQuery>(raw)?;
     let generation = serving(&state, "audit", min).await?;
-    audit::list(read_db(&state)?, &generation.tables(), &query)
-        .await
-        .map(Json)
-        .map_err(query_problem)
+    audit::list(
+        read_db(&state)?,
+        &audit::AuditTables::of(&generation),
+        &query,
+    )
+    .await
+    .map(Json)
+    .map_err(query_problem)
 }
 
 /// Streams every matching entry as CSV or JSON lines, page by page: memory
@@ -434,8 +438,12 @@ async fn audit_export(
     let (query, min) = parse::<audit::AuditQuery>(raw)?;
     let format = audit::ExportFormat::parse(query.format.as_deref()).map_err(query_problem)?;
     let generation = serving(&state, "audit", min).await?;
-    let entries =
-        audit::export(read_db(&state)?, &generation.tables(), &query).map_err(query_problem)?;
+    let entries = audit::export(
+        read_db(&state)?,
+        &audit::AuditTables::of(&generation),
+        &query,
+    )
+    .map_err(query_problem)?;
     let preamble =
         futures::stream::once(
             async move { Ok::<_, std::io::Error>(format.preamble().to_string()) },
