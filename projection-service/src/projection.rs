@@ -255,8 +255,9 @@ pub fn table_layout(style: Placeholders, statement: &str) -> std::borrow::Cow<'_
 
 /// Ends the `CREATE TABLE` of a table whose every column is in its primary
 /// key (an index kept as a table, such as the audit trail's changed fields).
-/// SQLite stores it `WITHOUT ROWID` ([`table_layout`]), one B-tree per row
-/// instead of the rowid table and the key's index; elsewhere it is a comment.
+/// SQLite stores it `WITHOUT ROWID` ([`table_layout`]): one B-tree entry per
+/// row instead of two (the rowid table's and the key index's); elsewhere the
+/// marker is a comment.
 pub const KEY_ONLY: &str = " /* key only */";
 
 /// Rows of `columns` values each, numbered `$1..` on PostgreSQL (in row
