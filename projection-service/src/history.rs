@@ -557,6 +557,7 @@ impl Projection for HistoryProjection {
         events: &[RecordedEvent],
     ) -> Result<(), BatchError> {
         let mut lookups = Lookups::new(tables, Placeholders::of(tx));
+        read_ahead(tx, &mut lookups, events).await?;
         let entries = fold_entries(tx, &mut lookups, tables, events).await?;
         lookups
             .write_back(tx)
@@ -574,7 +575,8 @@ impl Projection for HistoryProjection {
     }
 
     /// As [`apply_batch`](Self::apply_batch), the lookup rows carried from
-    /// batch to batch ([`Lookups::next_batch`]) and the rest read ahead.
+    /// batch to batch ([`Lookups::next_batch`]) and the rest read ahead by
+    /// the rebuild's writer ([`Self::rebuild_reads`]).
     async fn rebuild_rows(
         &self,
         conn: &mut AnyConnection,
@@ -602,20 +604,30 @@ impl Projection for HistoryProjection {
     }
 }
 
-/// Folds `events` through `lookups` (reading through `conn` what they do
-/// not hold); the timeline entries they add.
-async fn fold_entries(
+/// Reads ahead, through `conn`, the rows of [`lookup_keys`] that `lookups`
+/// does not hold.
+async fn read_ahead(
     conn: &mut AnyConnection,
     lookups: &mut Lookups,
-    tables: &Tables,
     events: &[RecordedEvent],
-) -> Result<RowSet, BatchError> {
+) -> Result<(), BatchError> {
     for (table, keys) in lookup_keys(events) {
         lookups
             .read_ahead(conn, table, keys)
             .await
             .map_err(BatchError::whole_batch)?;
     }
+    Ok(())
+}
+
+/// Folds `events` through `lookups` (reading through `conn`, at first use,
+/// what they do not hold); the timeline entries they add.
+async fn fold_entries(
+    conn: &mut AnyConnection,
+    lookups: &mut Lookups,
+    tables: &Tables,
+    events: &[RecordedEvent],
+) -> Result<RowSet, BatchError> {
     let mut entries = RowSet::new(
         tables.t("entries"),
         &ENTRY_ROW,
