@@ -35,6 +35,8 @@ use crate::rows::{Field, Kind, RowSet};
 
 /// Name of the projection (and prefix of its tables).
 pub const NAME: &str = "audit";
+/// Base name of the table of (field, position) rows since version 2.
+const CHANGED_FIELDS: &str = "changed_fields";
 const CURSOR_TAG: &str = "a1";
 /// Rows fetched per round trip by [`export`].
 pub const EXPORT_PAGE: i64 = 1000;
@@ -64,7 +66,7 @@ impl AuditTables {
             by_field: if generation.version < 2 {
                 "changes"
             } else {
-                "changed_fields"
+                CHANGED_FIELDS
             },
         }
     }
@@ -73,7 +75,7 @@ impl AuditTables {
     pub fn current(tables: &Tables) -> Self {
         Self {
             tables: tables.clone(),
-            by_field: "changed_fields",
+            by_field: CHANGED_FIELDS,
         }
     }
 }
@@ -417,7 +419,7 @@ impl Projection for AuditProjection {
 
     fn schema(&self, tables: &Tables) -> Vec<String> {
         let entries = tables.t("entries");
-        let changed_fields = tables.t("changed_fields");
+        let changed_fields = tables.t(CHANGED_FIELDS);
         vec![
             format!(
                 "CREATE TABLE IF NOT EXISTS {entries} (
@@ -465,7 +467,7 @@ impl Projection for AuditProjection {
     }
 
     fn table_names(&self) -> Vec<&'static str> {
-        vec!["entries", "changed_fields"]
+        vec!["entries", CHANGED_FIELDS]
     }
 
     fn retired_table_names(&self) -> Vec<&'static str> {
@@ -556,7 +558,7 @@ pub(crate) fn audit_rows(
         ROWS_PER_INSERT,
     );
     let mut changed_fields = RowSet::new(
-        tables.t("changed_fields"),
+        tables.t(CHANGED_FIELDS),
         &CHANGED_FIELD_ROW,
         "ON CONFLICT (field, position) DO NOTHING".into(),
         ROWS_PER_INSERT,
@@ -566,12 +568,9 @@ pub(crate) fn audit_rows(
     for (index, event) in events.iter().enumerate() {
         let event_changes = changes_of(event).map_err(BatchError::at(index))?;
         push_entry(&mut entries, event, &event_changes);
-        // One row per field, however often the event names it.
-        let mut fields: Vec<&str> = event_changes.iter().map(|c| c.field.as_str()).collect();
-        fields.sort_unstable();
-        fields.dedup();
-        for field in &fields {
-            changed_fields.push([Field::Text(field), Field::Int(event.position)]);
+        // A field the event names twice is one row: the conflict clause.
+        for change in &event_changes {
+            changed_fields.push([Field::Text(&change.field), Field::Int(event.position)]);
         }
     }
     Ok(vec![entries, changed_fields])
@@ -1287,6 +1286,56 @@ mod tests {
             );
         }
     }
+
+    /// An event that names a field twice changed it once: one row, one entry.
+    async fn field_named_twice_body(db: ReadDb) {
+        use crm_domain::account::AccountEvent;
+        use crm_domain::values::AccountKind;
+        let stream = 0x2000;
+        let mut script = scenario::Script::default();
+        let registered = AccountEvent::AccountRegistered {
+            account_id: crm_domain::AccountId::new(scenario::uuid(stream)),
+            name: "Acme".into(),
+            kind: AccountKind::Customer,
+            industry: None,
+            segment: None,
+            employees: None,
+            address: None,
+            website: None,
+            owner: None,
+            occurred_at: scenario::at(0),
+        };
+        script.record("account", stream, &registered, "ann", 0);
+        let renamed = AccountEvent::AccountDetailsUpdated {
+            changes: vec![
+                change("name", json!("Acme"), json!("Acme 2")),
+                change("name", json!("Acme 2"), json!("Acme 3")),
+            ],
+            occurred_at: scenario::at(1),
+        };
+        script.record("account", stream, &renamed, "ann", 1);
+        let tables = fold_all(&db, &AuditProjection, &script.events).await;
+        let rows: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM {} WHERE field = 'name' AND position = 2",
+            tables.t(CHANGED_FIELDS)
+        ))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(rows, 1);
+        let name = AuditQuery {
+            field: Some("name".into()),
+            ..q()
+        };
+        let tables = AuditTables::current(&tables);
+        assert_eq!(positions(&db, &tables, name).await, vec![1, 2]);
+    }
+
+    on_both_backends!(
+        audit_field_named_twice_on_sqlite,
+        audit_field_named_twice_on_postgres,
+        field_named_twice_body
+    );
 
     on_both_backends!(
         audit_version_1_on_sqlite,
