@@ -1111,27 +1111,30 @@ mod tests {
         scenario_body
     );
 
+    /// Account `stream` registered as `name`, owned by alice, at minute `at`.
+    fn registered(stream: u128, name: String, at: i64) -> AccountEvent {
+        AccountEvent::AccountRegistered {
+            account_id: crm_domain::AccountId::new(scenario::uuid(stream)),
+            name,
+            kind: crm_domain::values::AccountKind::Customer,
+            industry: None,
+            segment: None,
+            employees: None,
+            address: None,
+            website: None,
+            owner: Some("alice".into()),
+            occurred_at: scenario::at(at),
+        }
+    }
+
     /// 5000 entries stream out in order, in pages, without a gap or a repeat.
     async fn export_body(db: ReadDb) {
-        use crm_domain::account::AccountEvent;
-        use crm_domain::values::AccountKind;
         let n = 5000_i64;
         let mut script = scenario::Script::default();
         for i in 0..n {
             let stream = 0x1000 + (i % 50) as u128;
             let event = if i < 50 {
-                AccountEvent::AccountRegistered {
-                    account_id: crm_domain::AccountId::new(scenario::uuid(stream)),
-                    name: format!("Account \"{i}\", Ltd"),
-                    kind: AccountKind::Customer,
-                    industry: None,
-                    segment: None,
-                    employees: None,
-                    address: None,
-                    website: None,
-                    owner: Some("alice".into()),
-                    occurred_at: scenario::at(i),
-                }
+                registered(stream, format!("Account \"{i}\", Ltd"), i)
             } else {
                 AccountEvent::AccountOwnerAssigned {
                     from: Some(format!("owner{}", i - 50)),
@@ -1289,23 +1292,15 @@ mod tests {
 
     /// An event that names a field twice changed it once: one row, one entry.
     async fn field_named_twice_body(db: ReadDb) {
-        use crm_domain::account::AccountEvent;
-        use crm_domain::values::AccountKind;
         let stream = 0x2000;
         let mut script = scenario::Script::default();
-        let registered = AccountEvent::AccountRegistered {
-            account_id: crm_domain::AccountId::new(scenario::uuid(stream)),
-            name: "Acme".into(),
-            kind: AccountKind::Customer,
-            industry: None,
-            segment: None,
-            employees: None,
-            address: None,
-            website: None,
-            owner: None,
-            occurred_at: scenario::at(0),
-        };
-        script.record("account", stream, &registered, "ann", 0);
+        script.record(
+            "account",
+            stream,
+            &registered(stream, "Acme".into(), 0),
+            "ann",
+            0,
+        );
         let renamed = AccountEvent::AccountDetailsUpdated {
             changes: vec![
                 change("name", json!("Acme"), json!("Acme 2")),
