@@ -500,6 +500,10 @@ impl Projection for AuditProjection {
         true
     }
 
+    fn rebuild_reads_back(&self) -> bool {
+        false // see rebuild_rows
+    }
+
     /// The rows are made from the events alone: nothing read, nothing carried.
     async fn rebuild_rows(
         &self,

@@ -99,6 +99,15 @@ pub trait Projection: Send + Sync + 'static {
         false
     }
 
+    /// Whether [`rebuild_rows`](Self::rebuild_rows) reads rows back (through
+    /// its connection, or with [`rebuild_reads`](Self::rebuild_reads)): a
+    /// batch then folds only once the batch before the one before is
+    /// committed. One that makes its rows from the events alone lets the fold
+    /// run further ahead of the writer, which then never waits for it.
+    fn rebuild_reads_back(&self) -> bool {
+        true
+    }
+
     /// The lookup rows a rebuild's batch of `events` will ask for, for a
     /// projection that [`rebuilds_to_rows`](Self::rebuilds_to_rows): the
     /// writer reads them while the batch before folds, and

@@ -114,7 +114,7 @@ async fn fold_in_log_order(
     // of its own.
     let mut writer = match &db.file {
         Some(file) if db.backend == ReadBackend::Sqlite && projection.rebuilds_to_rows() => {
-            Some(RebuildWriter::open(file)?)
+            Some(RebuildWriter::open(file, projection.rebuild_reads_back())?)
         }
         _ => None,
     };
@@ -268,7 +268,9 @@ async fn hand_over(
     };
     // What the fold reads must be committed, but for the batch before this
     // one, whose changes the projection carries.
-    writer.settle().await?;
+    if projection.rebuild_reads_back() {
+        writer.settle().await?;
+    }
     let mut conn = db.pool.acquire().await?;
     let rows = projection
         .rebuild_rows(&mut conn, batch.tables, batch.events, read, carried)

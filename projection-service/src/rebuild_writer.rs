@@ -11,7 +11,8 @@
 //! ([`crate::projection::Projection::rebuild_rows`]). A fold that reads rows
 //! back reads what is committed: before each batch the writer is
 //! [`settle`](RebuildWriter::settle)d to at most the batch before it in flight,
-//! whose changes the projection carries itself. The lookup rows a batch names
+//! whose changes the projection carries itself (a fold that only writes runs
+//! up to a few batches ahead). The lookup rows a batch names
 //! are read here too ([`RebuildWriter::read`]), queued before the batch ahead
 //! of it is handed over, so they are read while that one folds.
 
@@ -76,15 +77,33 @@ pub struct RebuildWriter {
     jobs: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
     in_flight: VecDeque<oneshot::Receiver<Written>>,
+    max_in_flight: usize,
 }
+
+/// Batches in flight at most for a fold that reads back what the batch
+/// before the one before wrote: [`RebuildWriter::settle`] leaves one.
+const READING_BACK_IN_FLIGHT: usize = 2;
+
+/// Batches in flight at most for a fold that only writes: a few batches of
+/// rows (about 2 MB each for the audit trail's 2,000 events).
+const WRITE_ONLY_IN_FLIGHT: usize = 4;
 
 impl RebuildWriter {
     /// Opens a connection on the read-model file and starts the thread.
-    pub fn open(file: &Path) -> Result<Self, WriteError> {
+    /// `reads_back`: the fold reads what earlier batches wrote
+    /// ([`crate::projection::Projection::rebuild_reads_back`]), so at most
+    /// two batches are in flight (the one being written and the one handed
+    /// over after it); otherwise up to [`WRITE_ONLY_IN_FLIGHT`], so the
+    /// writer has the next batch at hand whenever one fold runs long.
+    pub fn open(file: &Path, reads_back: bool) -> Result<Self, WriteError> {
         let connection = connect(file)?;
-        // Room for the batch being written, the one handed over after it and
-        // their reads.
-        let (jobs, mut queue) = mpsc::channel::<Job>(4);
+        let max_in_flight = if reads_back {
+            READING_BACK_IN_FLIGHT
+        } else {
+            WRITE_ONLY_IN_FLIGHT
+        };
+        // Room for the batches in flight and two reads.
+        let (jobs, mut queue) = mpsc::channel::<Job>(max_in_flight + 2);
         let thread = std::thread::Builder::new()
             .name("crm-rebuild-writer".into())
             .spawn(move || {
@@ -114,6 +133,7 @@ impl RebuildWriter {
             jobs: Some(jobs),
             thread: Some(thread),
             in_flight: VecDeque::new(),
+            max_in_flight,
         })
     }
 
@@ -127,14 +147,16 @@ impl RebuildWriter {
         Ok(())
     }
 
-    /// Hands over a batch's rows and the checkpoint move they complete,
-    /// after [`settle`](Self::settle): at most two batches are in flight.
+    /// Hands over a batch's rows and the checkpoint move they complete, once
+    /// fewer than the writer's most batches are in flight.
     pub async fn write(
         &mut self,
         rows: Vec<RowSet>,
         advance: Option<Advance<'_>>,
     ) -> Result<(), WriteError> {
-        self.settle().await?;
+        while self.in_flight.len() >= self.max_in_flight {
+            self.wait_oldest().await?;
+        }
         let (done, written) = oneshot::channel();
         let job = Job::Write {
             rows,
@@ -357,7 +379,7 @@ mod tests {
 
         let written = building().await.unwrap();
         let tables = written.tables();
-        let mut writer = RebuildWriter::open(db.file.as_ref().unwrap()).unwrap();
+        let mut writer = RebuildWriter::open(db.file.as_ref().unwrap(), false).unwrap();
         let (first, rest) = events.split_at(events.len() / 2);
         let mut from = 0;
         // The third batch repeats the first one's rows (`DO NOTHING`) and
@@ -389,7 +411,7 @@ mod tests {
         assert_eq!(count(&db, checkpoint.clone()).await, head);
 
         // A stale claim: the batch fails whole, its rows are not written.
-        let mut writer = RebuildWriter::open(db.file.as_ref().unwrap()).unwrap();
+        let mut writer = RebuildWriter::open(db.file.as_ref().unwrap(), false).unwrap();
         let mut later = events[..1].to_vec();
         later[0].position = head + 1;
         let stale = Advance {
@@ -440,7 +462,8 @@ mod tests {
             crate::fold::create_tables(&db, projection.as_ref(), &rebuilt)
                 .await
                 .unwrap();
-            let mut writer = RebuildWriter::open(db.file.as_ref().unwrap()).unwrap();
+            let reads_back = projection.rebuild_reads_back();
+            let mut writer = RebuildWriter::open(db.file.as_ref().unwrap(), reads_back).unwrap();
             let mut carried = None;
             let batches: Vec<&[crm_eventlog::RecordedEvent]> = events.chunks(2).collect();
             let mut reads = Some(
@@ -462,7 +485,9 @@ mod tests {
                     None => None,
                 };
                 let read = reads.take().unwrap().await.unwrap().unwrap();
-                writer.settle().await.unwrap();
+                if reads_back {
+                    writer.settle().await.unwrap();
+                }
                 let mut conn = db.pool.acquire().await.unwrap();
                 let rows = projection
                     .rebuild_rows(&mut conn, &rebuilt, batch, read, &mut carried)

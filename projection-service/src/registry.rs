@@ -5,7 +5,7 @@ use serde::Serialize;
 use sqlx::Row;
 
 use crate::projection::{table_layout, Placeholders, Projection, Tables};
-use crate::readdb::{timestamp, ReadDb};
+use crate::readdb::{timestamp, ReadBackend, ReadDb};
 
 /// Lifecycle of a generation: `building` (rebuild in progress), `active`
 /// (serving and followed live), `retired` (replaced; its tables are dropped).
@@ -197,10 +197,22 @@ pub async fn create_indexes(
     generation: &Generation,
 ) -> Result<(), sqlx::Error> {
     let mut tx = db.begin_write().await?;
+    // SQLite sorts each index's keys on the connection's thread alone unless
+    // asked for helper threads, while a rebuild has nothing else to do.
+    let sorting_threads = |threads: usize| format!("PRAGMA threads = {threads}");
+    if db.backend == ReadBackend::Sqlite {
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        sqlx::query(&sorting_threads(threads))
+            .execute(&mut *tx)
+            .await?;
+    }
     for statement in projection.schema(&generation.tables()) {
         if is_secondary_index(&statement) {
             sqlx::query(&statement).execute(&mut *tx).await?;
         }
+    }
+    if db.backend == ReadBackend::Sqlite {
+        sqlx::query(&sorting_threads(0)).execute(&mut *tx).await?;
     }
     tx.commit().await
 }
