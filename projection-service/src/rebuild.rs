@@ -110,14 +110,7 @@ async fn fold_in_log_order(
     batch: i64,
     progress: &mut impl FnMut(i64, i64),
 ) -> Result<(), RebuildError> {
-    // On SQLite, a projection that rebuilds to rows hands them to a writer
-    // of its own.
-    let mut writer = match &db.file {
-        Some(file) if db.backend == ReadBackend::Sqlite && projection.rebuilds_to_rows() => {
-            Some(RebuildWriter::open(file, projection.rebuild_reads_back())?)
-        }
-        _ => None,
-    };
+    let mut writer = open_writer(db, projection)?;
     let folded = fold_batches(
         log,
         db,
@@ -139,6 +132,20 @@ async fn fold_in_log_order(
     written?;
     progress(position, head);
     Ok(())
+}
+
+/// On SQLite, a projection that rebuilds to rows hands them to a writer of
+/// its own.
+fn open_writer(
+    db: &ReadDb,
+    projection: &dyn Projection,
+) -> Result<Option<RebuildWriter>, RebuildError> {
+    match &db.file {
+        Some(file) if db.backend == ReadBackend::Sqlite && projection.rebuilds_to_rows() => Ok(
+            Some(RebuildWriter::open(file, projection.rebuild_reads_back())?),
+        ),
+        _ => Ok(None),
+    }
 }
 
 /// The loop of [`fold_in_log_order`]: folds (or hands to `writer`) batch
@@ -308,28 +315,25 @@ async fn fold_by_stream(
 ) -> Result<i64, RebuildError> {
     let tables = generation.tables();
     let up_to = log.head_position().await?;
-    let read = |after: Option<StreamCursor>| {
-        let log = log.clone();
-        async move { log.read_by_stream(up_to, after.as_ref(), batch).await }
+    let mut writer = open_writer(db, projection)?;
+    let folded = fold_streams(
+        log,
+        db,
+        projection,
+        &tables,
+        writer.as_mut(),
+        up_to,
+        batch,
+        progress,
+    )
+    .await;
+    // As in log order: nothing lands after the rebuild stopped.
+    let written = match writer {
+        Some(writer) => writer.finish().await,
+        None => Ok(()),
     };
-    let mut events = read(None).await?;
-    let mut folded = 0;
-    loop {
-        let next = (events.len() as i64 == batch)
-            .then(|| tokio::spawn(read(events.last().map(StreamCursor::after))));
-        if let Err(failure) = fold_batch(db, projection, &tables, &events, None).await {
-            if let Some(next) = next {
-                next.abort();
-            }
-            return Err(fold_failed(projection, failure));
-        }
-        folded += events.len() as i64;
-        progress(folded.min(up_to), up_to);
-        match next {
-            Some(next) => events = next.await??,
-            None => break,
-        }
-    }
+    folded?;
+    written?;
     if up_to > 0 {
         let advance = Advance {
             name: &generation.name,
@@ -343,6 +347,58 @@ async fn fold_by_stream(
             .map_err(|failure| fold_failed(projection, failure))?;
     }
     Ok(up_to)
+}
+
+/// The loop of [`fold_by_stream`]: folds (or hands to `writer`) the events
+/// up to `up_to` batch after batch in stream order, the next batch read
+/// while one folds.
+#[allow(clippy::too_many_arguments)]
+async fn fold_streams(
+    log: &EventLog,
+    db: &ReadDb,
+    projection: &dyn Projection,
+    tables: &Tables,
+    mut writer: Option<&mut RebuildWriter>,
+    up_to: i64,
+    batch: i64,
+    progress: &mut impl FnMut(i64, i64),
+) -> Result<(), RebuildError> {
+    let read = |after: Option<StreamCursor>| {
+        let log = log.clone();
+        async move { log.read_by_stream(up_to, after.as_ref(), batch).await }
+    };
+    let mut carried = None;
+    let mut events = read(None).await?;
+    let mut folded = 0;
+    loop {
+        let next = (events.len() as i64 == batch)
+            .then(|| tokio::spawn(read(events.last().map(StreamCursor::after))));
+        let done = match writer.as_deref_mut() {
+            Some(writer) => {
+                let batch = Batch {
+                    tables,
+                    events: &events,
+                    advance: None,
+                };
+                hand_over(db, writer, projection, batch, None, &mut carried).await
+            }
+            None => fold_batch(db, projection, tables, &events, None)
+                .await
+                .map_err(|failure| fold_failed(projection, failure)),
+        };
+        if let Err(error) = done {
+            if let Some(next) = next {
+                next.abort();
+            }
+            return Err(error);
+        }
+        folded += events.len() as i64;
+        progress(folded.min(up_to), up_to);
+        match next {
+            Some(next) => events = next.await??,
+            None => return Ok(()),
+        }
+    }
 }
 
 fn fold_failed(projection: &dyn Projection, failure: FoldFailure) -> RebuildError {

@@ -510,4 +510,115 @@ mod tests {
             }
         }
     }
+
+    /// Records rebuilt stream by stream in batches of two through the writer
+    /// (a stream spanning batches carried from one to the next, up to five
+    /// batches for one contact) are the records folded in log order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_rebuilt_stream_by_stream_equal_the_folded_ones() {
+        use crm_eventlog::{AppendBatch, EventLog, ExpectedVersion, NewEvent, StreamAppend};
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open_sqlite(&dir.path().join("log.db"))
+            .await
+            .unwrap();
+        let db = ReadDb::open_sqlite(&dir.path().join("read.db"))
+            .await
+            .unwrap();
+        for event in scenario::scenario() {
+            let batch = AppendBatch {
+                tenant_id: event.tenant_id,
+                streams: vec![StreamAppend {
+                    stream_type: event.stream_type,
+                    stream_id: event.stream_id,
+                    expected_version: ExpectedVersion::Any,
+                    events: vec![NewEvent {
+                        event_id: event.event_id,
+                        event_type: event.event_type,
+                        schema_version: event.schema_version,
+                        payload: event.payload,
+                        metadata: event.metadata,
+                    }],
+                }],
+                idempotency: None,
+            };
+            log.append(batch).await.unwrap();
+        }
+        // As the log holds them (its own times).
+        let events = log.read_all(0, 1000).await.unwrap();
+        let records = crate::records::RecordsProjection;
+        let folded = Tables::new("records", 99);
+        crate::fold::create_tables(&db, &records, &folded)
+            .await
+            .unwrap();
+        fold_batch(&db, &records, &folded, &events, None)
+            .await
+            .unwrap_or_else(|failure| panic!("{:?}", failure.error));
+
+        let generation = crate::rebuild::rebuild_in_batches(&log, &db, &records, 2, |_, _| {})
+            .await
+            .unwrap();
+        let rebuilt = Tables::new("records", generation);
+        let rows = count(
+            &db,
+            format!("SELECT COUNT(*) FROM {}", rebuilt.t("records")),
+        )
+        .await;
+        assert!(rows >= 10, "{rows} records");
+        assert_eq!(differing(&db, &folded, &rebuilt, "records").await, 0);
+        log.close().await;
+    }
+
+    /// A record whose stream spans two batches is folded on from the state
+    /// the batch before carried, not from the table, where that batch's row
+    /// is not committed yet: here another connection holds the write lock
+    /// until the next batch is folded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_carry_a_stream_the_batch_before_has_not_committed() {
+        use crate::projection::Projection as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("read.db");
+        let db = ReadDb::open_sqlite(&file).await.unwrap();
+        let records = crate::records::RecordsProjection;
+        let mut events = scenario::scenario();
+        let folded = scenario::fold_all(&db, &records, &events).await;
+        events.sort_by(|a, b| {
+            (&a.stream_type, &a.stream_id, a.version).cmp(&(
+                &b.stream_type,
+                &b.stream_id,
+                b.version,
+            ))
+        });
+        let batches: Vec<&[crm_eventlog::RecordedEvent]> = events.chunks(2).collect();
+        let spanning = (0..batches.len() - 1)
+            .find(|&k| batches[k][1].stream_id == batches[k + 1][0].stream_id)
+            .expect("a stream spanning two batches");
+        let rebuilt = Tables::new("records", 2);
+        crate::fold::create_tables(&db, &records, &rebuilt)
+            .await
+            .unwrap();
+        let mut writer = RebuildWriter::open(&file, true).unwrap();
+        let mut carried = None;
+        let mut blocker = None;
+        for (k, batch) in batches.iter().enumerate() {
+            writer.settle().await.unwrap();
+            let mut conn = db.pool.acquire().await.unwrap();
+            let rows = records
+                .rebuild_rows(&mut conn, &rebuilt, batch, Vec::new(), &mut carried)
+                .await
+                .unwrap_or_else(|failure| panic!("{:?}", failure.error));
+            drop(conn);
+            if k == spanning {
+                let held = Connection::open(&file).unwrap();
+                held.execute_batch("BEGIN IMMEDIATE").unwrap();
+                blocker = Some(held);
+            }
+            writer.write(rows, None).await.unwrap();
+            if k == spanning + 1 {
+                let held: Connection = blocker.take().unwrap();
+                held.execute_batch("ROLLBACK").unwrap();
+            }
+        }
+        writer.finish().await.unwrap();
+        assert_eq!(differing(&db, &folded, &rebuilt, "records").await, 0);
+    }
 }

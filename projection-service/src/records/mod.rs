@@ -21,12 +21,14 @@ use crm_eventlog::RecordedEvent;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sqlx::Row;
+use sqlx::{AnyConnection, Row};
 
+use crate::lookups::ReadRows;
 use crate::projection::{
-    apply_as_batch, decode, insert_rows, BatchError, Projection, ProjectionError, Tables, Tx,
+    apply_as_batch, decode, BatchError, Carried, Projection, ProjectionError, Tables, Tx,
 };
 use crate::readdb::{timestamp, ReadDb};
+use crate::rows::{Field, Kind, RowSet};
 use paging::{decode_position_cursor, encode_cursor, page_limit, parse_time, Binds};
 pub use paging::{Page, QueryError};
 
@@ -430,98 +432,145 @@ impl Projection for RecordsProjection {
         tables: &Tables,
         events: &[RecordedEvent],
     ) -> Result<(), BatchError> {
-        let whole_batch = BatchError::whole_batch;
-        let records = tables.t("records");
-        let mut order: Vec<(RecordKind, &str)> = Vec::new();
-        let mut touched: HashMap<(RecordKind, String), Folded> = HashMap::new();
-        for event in events {
-            if let Some(kind) = RecordKind::from_stream_type(&event.stream_type) {
-                if let std::collections::hash_map::Entry::Vacant(slot) =
-                    touched.entry((kind, event.stream_id.clone()))
-                {
-                    slot.insert(Folded::default());
-                    order.push((kind, event.stream_id.as_str()));
-                }
-            }
-        }
-        for chunk in order.chunks(KEYS_PER_READ) {
-            let wanted: Vec<String> = (0..chunk.len())
-                .map(|n| format!("(kind = ${} AND id = ${})", 2 * n + 1, 2 * n + 2))
-                .collect();
-            let sql = format!(
-                "SELECT kind, id, state, created_at, updated_position FROM {records} WHERE {}",
-                wanted.join(" OR ")
-            );
-            let mut query = sqlx::query(&sql).persistent(false);
-            for (kind, id) in chunk {
-                query = query.bind(kind.as_str()).bind(id.to_string());
-            }
-            for row in query.fetch_all(&mut **tx).await.map_err(whole_batch)? {
-                let kind: String = row.try_get("kind").map_err(whole_batch)?;
-                let id: String = row.try_get("id").map_err(whole_batch)?;
-                let Some(kind) = RecordKind::from_stream_type(&kind) else {
-                    continue;
-                };
-                if let Some(folded) = touched.get_mut(&(kind, id)) {
-                    folded.stored = Some(row.try_get("state").map_err(whole_batch)?);
-                    folded.created_at = Some(row.try_get("created_at").map_err(whole_batch)?);
-                    folded.updated_position =
-                        row.try_get("updated_position").map_err(whole_batch)?;
-                }
-            }
-        }
-        for (index, event) in events.iter().enumerate() {
-            let Some(kind) = RecordKind::from_stream_type(&event.stream_type) else {
-                continue;
-            };
-            let Some(folded) = touched.get_mut(&(kind, event.stream_id.clone())) else {
-                continue;
-            };
-            folded.fold(kind, event).map_err(BatchError::at(index))?;
-        }
-        let mut rows = Vec::with_capacity(order.len());
-        for (kind, id) in order {
-            let Some(folded) = touched.remove(&(kind, id.to_string())) else {
-                continue;
-            };
-            if let Some(row) = folded.into_row(kind, id).map_err(BatchError::whole_batch)? {
-                rows.push(row);
-            }
-        }
-        let into = format!(
-            "{records} (kind, id, owner, stage, status, account_id, version, created_at, updated_at,
-                updated_position, state, data)"
-        );
-        insert_rows(
-            tx,
-            &into,
-            "ON CONFLICT (kind, id) DO UPDATE SET owner = EXCLUDED.owner, stage = EXCLUDED.stage,
-                status = EXCLUDED.status, account_id = EXCLUDED.account_id, version = EXCLUDED.version,
-                updated_at = EXCLUDED.updated_at, updated_position = EXCLUDED.updated_position,
-                state = EXCLUDED.state, data = EXCLUDED.data",
-            12,
-            ROWS_PER_UPSERT,
-            &rows,
-            |query, row| {
-                query
-                    .bind(row.kind.as_str())
-                    .bind(row.id.as_str())
-                    .bind(row.columns.owner.as_deref())
-                    .bind(row.columns.stage.as_deref())
-                    .bind(row.columns.status.as_deref())
-                    .bind(row.columns.account_id.as_deref())
-                    .bind(row.version)
-                    .bind(row.created_at.as_str())
-                    .bind(row.updated_at.as_str())
-                    .bind(row.updated_position)
-                    .bind(row.state.as_str())
-                    .bind(row.columns.data.to_string())
-            },
-        )
-        .await
-        .map_err(whole_batch)?;
-        Ok(())
+        let (rows, _) = record_rows(&mut **tx, tables, events, Touched::new()).await?;
+        rows.write(tx).await.map_err(BatchError::whole_batch)
     }
+
+    fn rebuilds_to_rows(&self) -> bool {
+        true
+    }
+
+    /// As [`apply_batch`](Self::apply_batch), the records the batch before
+    /// folded carried typed (that batch may not be committed yet) and the
+    /// rest read through `conn`. Stream by stream, only a stream that spans
+    /// two batches is ever carried, and nothing is found to read.
+    async fn rebuild_rows(
+        &self,
+        conn: &mut AnyConnection,
+        tables: &Tables,
+        events: &[RecordedEvent],
+        _read: Vec<ReadRows>,
+        carried: &mut Carried,
+    ) -> Result<Vec<RowSet>, BatchError> {
+        let before = match carried.take() {
+            None => Touched::new(),
+            Some(before) => *before.downcast::<Touched>().map_err(|_| {
+                BatchError::whole_batch(ProjectionError::Invalid(
+                    "records carried something other than its records".into(),
+                ))
+            })?,
+        };
+        let (rows, folded) = record_rows(conn, tables, events, before).await?;
+        *carried = Some(Box::new(folded));
+        Ok(vec![rows])
+    }
+}
+
+/// Records a batch folded, by kind and id.
+type Touched = HashMap<(RecordKind, String), Folded>;
+
+static RECORD_ROW: [(&str, Kind); 12] = [
+    ("kind", Kind::Text),
+    ("id", Kind::Text),
+    ("owner", Kind::Text),
+    ("stage", Kind::Text),
+    ("status", Kind::Text),
+    ("account_id", Kind::Text),
+    ("version", Kind::Int),
+    ("created_at", Kind::Text),
+    ("updated_at", Kind::Text),
+    ("updated_position", Kind::Int),
+    ("state", Kind::Text),
+    ("data", Kind::Text),
+];
+
+const UPSERT: &str = "ON CONFLICT (kind, id) DO UPDATE SET owner = EXCLUDED.owner, \
+    stage = EXCLUDED.stage, status = EXCLUDED.status, account_id = EXCLUDED.account_id, \
+    version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, \
+    updated_position = EXCLUDED.updated_position, state = EXCLUDED.state, data = EXCLUDED.data";
+
+/// Folds `events` into their records, each taken from `carried` (folded by
+/// the batch before) or read through `conn` (the stored row, if any), and
+/// returns the rows of the records the batch changed, with the records as
+/// folded.
+async fn record_rows(
+    conn: &mut AnyConnection,
+    tables: &Tables,
+    events: &[RecordedEvent],
+    mut carried: Touched,
+) -> Result<(RowSet, Touched), BatchError> {
+    let whole_batch = BatchError::whole_batch;
+    let records = tables.t("records");
+    let mut order: Vec<(RecordKind, String)> = Vec::new();
+    let mut touched = Touched::new();
+    for event in events {
+        if let Some(kind) = RecordKind::from_stream_type(&event.stream_type) {
+            let key = (kind, event.stream_id.clone());
+            if !touched.contains_key(&key) {
+                let folded = carried
+                    .remove(&key)
+                    .map_or_else(Folded::default, Folded::carried);
+                order.push(key.clone());
+                touched.insert(key, folded);
+            }
+        }
+    }
+    let unread: Vec<&(RecordKind, String)> = order
+        .iter()
+        .filter(|key| {
+            touched
+                .get(*key)
+                .is_some_and(|folded| folded.state.is_none())
+        })
+        .collect();
+    for chunk in unread.chunks(KEYS_PER_READ) {
+        let wanted: Vec<String> = (0..chunk.len())
+            .map(|n| format!("(kind = ${} AND id = ${})", 2 * n + 1, 2 * n + 2))
+            .collect();
+        let sql = format!(
+            "SELECT kind, id, state, created_at, updated_position FROM {records} WHERE {}",
+            wanted.join(" OR ")
+        );
+        let mut query = sqlx::query(&sql).persistent(false);
+        for (kind, id) in chunk {
+            query = query.bind(kind.as_str()).bind(id.as_str());
+        }
+        for row in query.fetch_all(&mut *conn).await.map_err(whole_batch)? {
+            let kind: String = row.try_get("kind").map_err(whole_batch)?;
+            let id: String = row.try_get("id").map_err(whole_batch)?;
+            let Some(kind) = RecordKind::from_stream_type(&kind) else {
+                continue;
+            };
+            if let Some(folded) = touched.get_mut(&(kind, id)) {
+                folded.stored = Some(row.try_get("state").map_err(whole_batch)?);
+                folded.created_at = Some(row.try_get("created_at").map_err(whole_batch)?);
+                folded.updated_position = row.try_get("updated_position").map_err(whole_batch)?;
+            }
+        }
+    }
+    for (index, event) in events.iter().enumerate() {
+        let Some(kind) = RecordKind::from_stream_type(&event.stream_type) else {
+            continue;
+        };
+        let Some(folded) = touched.get_mut(&(kind, event.stream_id.clone())) else {
+            continue;
+        };
+        folded.fold(kind, event).map_err(BatchError::at(index))?;
+    }
+    let mut rows = RowSet::new(
+        tables.t("records"),
+        &RECORD_ROW,
+        UPSERT.into(),
+        ROWS_PER_UPSERT,
+    );
+    for (kind, id) in &order {
+        if let Some(folded) = touched.get_mut(&(*kind, id.clone())) {
+            folded
+                .push_row(&mut rows, *kind, id)
+                .map_err(BatchError::whole_batch)?;
+        }
+    }
+    Ok((rows, touched))
 }
 
 /// Keys per read of a batch's records (two parameters each).
@@ -544,18 +593,6 @@ struct Folded {
 struct LastFold {
     version: i64,
     updated_at: String,
-}
-
-/// A record's row as written.
-struct RecordRow {
-    kind: RecordKind,
-    id: String,
-    columns: Columns,
-    version: i64,
-    created_at: String,
-    updated_at: String,
-    updated_position: i64,
-    state: String,
 }
 
 impl Folded {
@@ -588,16 +625,27 @@ impl Folded {
         Ok(())
     }
 
-    /// The row to write, if an event of the batch changed the record.
-    fn into_row(self, kind: RecordKind, id: &str) -> Result<Option<RecordRow>, ProjectionError> {
-        let (Some(state), Some(last)) = (self.state, self.last) else {
-            return Ok(None);
+    /// A record the batch before folded, as the next batch starts from it:
+    /// changed by none of its events yet.
+    fn carried(self) -> Self {
+        Self { last: None, ..self }
+    }
+
+    /// Adds the record's row to `rows`, if an event of the batch changed it.
+    fn push_row(
+        &mut self,
+        rows: &mut RowSet,
+        kind: RecordKind,
+        id: &str,
+    ) -> Result<(), ProjectionError> {
+        let (Some(state), Some(last)) = (&self.state, self.last.take()) else {
+            return Ok(());
         };
         let state = state
             .to_value()
             .map_err(|e| ProjectionError::Invalid(format!("record state does not encode: {e}")))?;
         let state_text = state.to_string();
-        let created_at = self.created_at.unwrap_or_default();
+        let created_at = self.created_at.clone().unwrap_or_default();
         let mut columns = view(kind, state);
         if let Some(object) = columns.data.as_object_mut() {
             object.insert("id".into(), json!(id));
@@ -606,16 +654,22 @@ impl Folded {
             object.insert("updated_at".into(), json!(last.updated_at));
             object.insert("position".into(), json!(self.updated_position));
         }
-        Ok(Some(RecordRow {
-            kind,
-            id: id.to_string(),
-            columns,
-            version: last.version,
-            created_at,
-            updated_at: last.updated_at,
-            updated_position: self.updated_position,
-            state: state_text,
-        }))
+        let data = columns.data.to_string();
+        rows.push([
+            Field::Text(kind.as_str()),
+            Field::Text(id),
+            columns.owner.as_deref().into(),
+            columns.stage.as_deref().into(),
+            columns.status.as_deref().into(),
+            columns.account_id.as_deref().into(),
+            Field::Int(last.version),
+            Field::Text(&created_at),
+            Field::Text(&last.updated_at),
+            Field::Int(self.updated_position),
+            Field::Text(&state_text),
+            Field::Text(&data),
+        ]);
+        Ok(())
     }
 }
 
