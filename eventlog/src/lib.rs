@@ -131,6 +131,16 @@ impl EventLog {
         }
     }
 
+    /// On the embedded log, makes the bulk reads (`read_all`,
+    /// `read_by_stream`, ...) map up to `bytes` of the file rather than copy
+    /// its pages in, for a process that replays the whole log and exits:
+    /// mapped pages count in its resident memory. PostgreSQL: nothing.
+    pub fn map_file_for_bulk_reads(&self, bytes: u64) {
+        if let Store::Sqlite(store) = &self.inner.store {
+            store.map_file_for_bulk_reads(bytes);
+        }
+    }
+
     /// Which database backs this log.
     pub fn backend(&self) -> Backend {
         match self.inner.store {

@@ -158,6 +158,10 @@ impl SqliteStore {
         self.bulk.read_all(after_position, limit).await
     }
 
+    pub(crate) fn map_file_for_bulk_reads(&self, bytes: u64) {
+        self.bulk.map_file(bytes);
+    }
+
     pub(crate) async fn read_by_stream(
         &self,
         up_to: i64,

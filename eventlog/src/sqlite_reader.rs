@@ -13,6 +13,7 @@
 //! each row straight from SQLite's buffers.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +42,9 @@ struct Inner {
     permits: Arc<Semaphore>,
     /// None once the log is closed: reads then fail with [`LogError::Closed`].
     idle: Mutex<Option<Vec<Connection>>>,
+    /// Bytes of the file each new connection maps (`PRAGMA mmap_size`; 0:
+    /// none, pages are copied in with `pread`).
+    map_size: AtomicU64,
 }
 
 impl BulkReader {
@@ -51,7 +55,23 @@ impl BulkReader {
                 busy_timeout,
                 permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
                 idle: Mutex::new(Some(Vec::new())),
+                map_size: AtomicU64::new(0),
             }),
+        }
+    }
+
+    /// Makes later reads map up to `bytes` of the log file instead of
+    /// copying its pages in: a read stream by stream visits each page many
+    /// times, and a `pread` copies it every time. Mapped pages count in the
+    /// process's resident memory, so only a process that reads the whole log
+    /// and exits (`crm rebuild`) asks for it. Idle connections are closed so
+    /// every later read has it.
+    pub(crate) fn map_file(&self, bytes: u64) {
+        self.inner.map_size.store(bytes, Ordering::Relaxed);
+        if let Ok(mut idle) = self.inner.idle.lock() {
+            if let Some(idle) = idle.as_mut() {
+                idle.clear();
+            }
         }
     }
 
@@ -184,6 +204,11 @@ impl Inner {
         // A reader never writes: SQLite refuses it if a bug ever tried.
         conn.execute_batch("PRAGMA query_only = ON")
             .map_err(database)?;
+        let map_size = self.map_size.load(Ordering::Relaxed);
+        if map_size > 0 {
+            conn.execute_batch(&format!("PRAGMA mmap_size = {map_size}"))
+                .map_err(database)?;
+        }
         Ok(conn)
     }
 }
@@ -280,5 +305,30 @@ mod tests {
             reader.read_by_stream(i64::MAX, None, 10).await,
             Err(LogError::Closed)
         ));
+    }
+
+    /// Once asked to map the file, every later read's connection maps it,
+    /// the idle ones made before included (they are closed), and reads still
+    /// answer.
+    #[tokio::test]
+    async fn a_mapped_reader_maps_the_file_on_every_later_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        crate::EventLog::open_sqlite(&path)
+            .await
+            .unwrap()
+            .close()
+            .await;
+        let reader = BulkReader::new(&path, Duration::from_secs(1));
+        let mapped = || {
+            reader.run(|conn| {
+                conn.query_row("PRAGMA mmap_size", [], |row| row.get::<_, i64>(0))
+                    .map_err(database)
+            })
+        };
+        assert_eq!(mapped().await.unwrap(), 0, "not mapped unless asked");
+        reader.map_file(1 << 20);
+        assert_eq!(mapped().await.unwrap(), 1 << 20);
+        assert!(reader.read_all(0, 10).await.unwrap().is_empty());
     }
 }
