@@ -432,7 +432,7 @@ impl Projection for RecordsProjection {
         tables: &Tables,
         events: &[RecordedEvent],
     ) -> Result<(), BatchError> {
-        let (rows, _) = record_rows(&mut **tx, tables, events, Touched::new()).await?;
+        let (rows, _) = record_rows(tx, tables, events, Touched::new()).await?;
         rows.write(tx).await.map_err(BatchError::whole_batch)
     }
 
@@ -506,12 +506,12 @@ async fn record_rows(
     for event in events {
         if let Some(kind) = RecordKind::from_stream_type(&event.stream_type) {
             let key = (kind, event.stream_id.clone());
-            if !touched.contains_key(&key) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = touched.entry(key) {
                 let folded = carried
-                    .remove(&key)
+                    .remove(slot.key())
                     .map_or_else(Folded::default, Folded::carried);
-                order.push(key.clone());
-                touched.insert(key, folded);
+                order.push(slot.key().clone());
+                slot.insert(folded);
             }
         }
     }
