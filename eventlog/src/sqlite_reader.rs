@@ -267,12 +267,8 @@ fn event(row: &Row<'_>) -> Result<RecordedEvent, LogError> {
 mod tests {
     use super::*;
 
-    /// The log refuses reads after `close` before they reach the reader; this
-    /// checks the reader's own refusal, and that a read waiting for a
-    /// connection is refused too instead of waiting forever.
-    #[tokio::test]
-    async fn a_closed_reader_refuses_reads_and_wakes_the_waiting_ones() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A reader on a new, empty log file in `dir`.
+    async fn reader_on_a_new_log(dir: &tempfile::TempDir) -> BulkReader {
         let path = dir.path().join("events.db");
         // Creates the file with the log's tables.
         crate::EventLog::open_sqlite(&path)
@@ -280,7 +276,16 @@ mod tests {
             .unwrap()
             .close()
             .await;
-        let reader = BulkReader::new(&path, Duration::from_secs(1));
+        BulkReader::new(&path, Duration::from_secs(1))
+    }
+
+    /// The log refuses reads after `close` before they reach the reader; this
+    /// checks the reader's own refusal, and that a read waiting for a
+    /// connection is refused too instead of waiting forever.
+    #[tokio::test]
+    async fn a_closed_reader_refuses_reads_and_wakes_the_waiting_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let reader = reader_on_a_new_log(&dir).await;
         assert!(reader.read_all(0, 10).await.unwrap().is_empty());
         let held = Arc::clone(&reader.inner.permits)
             .acquire_many_owned(MAX_CONNECTIONS as u32)
@@ -313,13 +318,7 @@ mod tests {
     #[tokio::test]
     async fn a_mapped_reader_maps_the_file_on_every_later_read() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("events.db");
-        crate::EventLog::open_sqlite(&path)
-            .await
-            .unwrap()
-            .close()
-            .await;
-        let reader = BulkReader::new(&path, Duration::from_secs(1));
+        let reader = reader_on_a_new_log(&dir).await;
         let mapped = || {
             reader.run(|conn| {
                 conn.query_row("PRAGMA mmap_size", [], |row| row.get::<_, i64>(0))

@@ -122,12 +122,7 @@ async fn fold_in_log_order(
         progress,
     )
     .await;
-    // Every batch handed over is committed (or has failed) before this
-    // returns, a failure or not: no write lands after the rebuild stopped.
-    let written = match writer {
-        Some(writer) => writer.finish().await,
-        None => Ok(()),
-    };
+    let written = finish_writer(writer).await;
     let (position, head) = folded?;
     written?;
     progress(position, head);
@@ -145,6 +140,16 @@ fn open_writer(
             Some(RebuildWriter::open(file, projection.rebuild_reads_back())?),
         ),
         _ => Ok(None),
+    }
+}
+
+/// Waits until every batch handed over to `writer` is committed (or has
+/// failed): called whether the fold failed or not, so no write lands after
+/// the rebuild stopped.
+async fn finish_writer(writer: Option<RebuildWriter>) -> Result<(), WriteError> {
+    match writer {
+        Some(writer) => writer.finish().await,
+        None => Ok(()),
     }
 }
 
@@ -327,11 +332,7 @@ async fn fold_by_stream(
         progress,
     )
     .await;
-    // As in log order: nothing lands after the rebuild stopped.
-    let written = match writer {
-        Some(writer) => writer.finish().await,
-        None => Ok(()),
-    };
+    let written = finish_writer(writer).await;
     folded?;
     written?;
     if up_to > 0 {
