@@ -512,8 +512,8 @@ mod tests {
     }
 
     /// Records rebuilt stream by stream in batches of two through the writer
-    /// (a stream spanning batches carried from one to the next, up to five
-    /// batches for one contact) are the records folded in log order.
+    /// (a stream spanning batches carried from one to the next: a contact's
+    /// five events span three) are the records folded in log order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn records_rebuilt_stream_by_stream_equal_the_folded_ones() {
         use crm_eventlog::{AppendBatch, EventLog, ExpectedVersion, NewEvent, StreamAppend};
