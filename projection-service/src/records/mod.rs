@@ -507,9 +507,7 @@ async fn record_rows(
         if let Some(kind) = RecordKind::from_stream_type(&event.stream_type) {
             let key = (kind, event.stream_id.clone());
             if let std::collections::hash_map::Entry::Vacant(slot) = touched.entry(key) {
-                let folded = carried
-                    .remove(slot.key())
-                    .map_or_else(Folded::default, Folded::carried);
+                let folded = carried.remove(slot.key()).unwrap_or_default();
                 order.push(slot.key().clone());
                 slot.insert(folded);
             }
@@ -557,14 +555,10 @@ async fn record_rows(
         };
         folded.fold(kind, event).map_err(BatchError::at(index))?;
     }
-    let mut rows = RowSet::new(
-        tables.t("records"),
-        &RECORD_ROW,
-        UPSERT.into(),
-        ROWS_PER_UPSERT,
-    );
-    for (kind, id) in &order {
-        if let Some(folded) = touched.get_mut(&(*kind, id.clone())) {
+    let mut rows = RowSet::new(records, &RECORD_ROW, UPSERT.into(), ROWS_PER_UPSERT);
+    for key in &order {
+        if let Some(folded) = touched.get_mut(key) {
+            let (kind, id) = key;
             folded
                 .push_row(&mut rows, *kind, id)
                 .map_err(BatchError::whole_batch)?;
@@ -625,13 +619,9 @@ impl Folded {
         Ok(())
     }
 
-    /// A record the batch before folded, as the next batch starts from it:
-    /// changed by none of its events yet.
-    fn carried(self) -> Self {
-        Self { last: None, ..self }
-    }
-
-    /// Adds the record's row to `rows`, if an event of the batch changed it.
+    /// Adds the record's row to `rows`, if an event of the batch changed it,
+    /// and clears what the batch changed: carried into the next batch, the
+    /// record starts unchanged.
     fn push_row(
         &mut self,
         rows: &mut RowSet,
