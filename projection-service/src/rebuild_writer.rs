@@ -608,6 +608,16 @@ mod tests {
                 .unwrap_or_else(|failure| panic!("{:?}", failure.error));
             drop(conn);
             if k == spanning {
+                // The batches handed over so far committed first (a read
+                // runs after them): one the blocker held up would be waited
+                // for by the next settle, before the blocker lets go.
+                writer
+                    .read(&rebuilt, Vec::new())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap()
+                    .unwrap();
                 let held = Connection::open(&file).unwrap();
                 held.execute_batch("BEGIN IMMEDIATE").unwrap();
                 blocker = Some(held);
