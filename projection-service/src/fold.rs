@@ -87,7 +87,7 @@ pub async fn fold_batch_paced(
     advance: Option<Advance<'_>>,
     pause: Option<std::time::Duration>,
 ) -> Result<(), FoldFailure> {
-    let mut tx = db.begin_write().await?;
+    let mut tx = db.begin_fold().await?;
     // The checkpoint is claimed before any row is written: a worker holding a
     // stale view stops here (on PostgreSQL it waits for the row lock of the
     // one that moved it, then finds it moved) instead of folding the range a

@@ -715,3 +715,101 @@ async fn rebuild_through_rows_on_sqlite() {
 async fn rebuild_through_rows_on_postgres() {
     on_postgres(rebuild_through_rows).await;
 }
+
+/// Notes, per folded event, the commit mode and server process of the
+/// transaction folding it.
+struct CommitMode;
+
+#[async_trait::async_trait]
+impl Projection for CommitMode {
+    fn name(&self) -> &'static str {
+        "commit_mode"
+    }
+    fn version(&self) -> i64 {
+        1
+    }
+    fn schema(&self, tables: &Tables) -> Vec<String> {
+        vec![format!(
+            "CREATE TABLE IF NOT EXISTS {} (position BIGINT PRIMARY KEY, mode TEXT NOT NULL, \
+             backend BIGINT NOT NULL)",
+            tables.t("modes")
+        )]
+    }
+    fn table_names(&self) -> Vec<&'static str> {
+        vec!["modes"]
+    }
+    async fn apply(
+        &self,
+        tx: &mut Tx,
+        tables: &Tables,
+        event: &RecordedEvent,
+    ) -> Result<(), ProjectionError> {
+        sqlx::query(&format!(
+            "INSERT INTO {} (position, mode, backend) \
+             SELECT $1, current_setting('synchronous_commit'), pg_backend_pid()",
+            tables.t("modes")
+        ))
+        .bind(event.position)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Folds on PostgreSQL commit without waiting for the WAL flush, and only
+/// they: the connection's later transactions (registry changes) wait again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folds_on_postgres_commit_without_waiting_for_the_flush() {
+    use crm_projection_service::fold::{fold_batch, Advance};
+    on_postgres(|log, db| async move {
+        for n in 0..3 {
+            append(&log, &format!("s{n}"), json!({"n": n})).await;
+        }
+        let events = log.read_all(0, 10).await.unwrap();
+        registry::ensure(&db).await.unwrap();
+        let generation =
+            registry::create_generation(&db, &CommitMode, registry::ACTIVE, registry::Indexes::Now)
+                .await
+                .unwrap();
+        let advance = Advance {
+            name: "commit_mode",
+            generation: generation.generation,
+            part: None,
+            from: 0,
+            to: events.last().unwrap().position,
+        };
+        fold_batch(
+            &db,
+            &CommitMode,
+            &generation.tables(),
+            &events,
+            Some(advance),
+        )
+        .await
+        .unwrap_or_else(|failure| panic!("fold failed: {:?}", failure.error));
+        let folded: Vec<(String, i64)> = sqlx::query(&format!(
+            "SELECT mode, backend FROM {} ORDER BY position",
+            generation.tables().t("modes")
+        ))
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get("mode"), row.get("backend")))
+        .collect();
+        assert_eq!(folded.len(), 3);
+        assert!(folded.iter().all(|(mode, _)| mode == "off"), "{folded:?}");
+        // The same connection (the pool's only one so far) is back to waiting.
+        let mut tx = db.begin_write().await.unwrap();
+        let (mode, backend): (String, i64) = sqlx::query_as(
+            "SELECT current_setting('synchronous_commit'), CAST(pg_backend_pid() AS BIGINT)",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(backend, folded[0].1, "the fold's connection");
+        assert_eq!(mode, "on");
+    })
+    .await;
+}
