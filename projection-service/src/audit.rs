@@ -31,7 +31,7 @@ use crate::records::paging::{
 };
 pub use crate::records::paging::{Page, QueryError};
 use crate::registry::Generation;
-use crate::rows::{Field, Kind, RowSet};
+use crate::rows::{write_all, Field, Kind, RowSet};
 
 /// Name of the projection (and prefix of its tables).
 pub const NAME: &str = "audit";
@@ -490,10 +490,9 @@ impl Projection for AuditProjection {
         tables: &Tables,
         events: &[RecordedEvent],
     ) -> Result<(), BatchError> {
-        for rows in audit_rows(tables, events)? {
-            rows.write(tx).await.map_err(BatchError::whole_batch)?;
-        }
-        Ok(())
+        write_all(tx, &audit_rows(tables, events)?)
+            .await
+            .map_err(BatchError::whole_batch)
     }
 
     fn rebuilds_to_rows(&self) -> bool {

@@ -31,7 +31,7 @@ use crate::records::paging::{
     decode_cursor, encode_cursor, json_text, json_text_ref, page_limit, Binds,
 };
 pub use crate::records::paging::{Page, QueryError};
-use crate::rows::{json_into, Field, RowSet};
+use crate::rows::{json_into, write_all, Field, RowSet};
 
 /// Name of the projection (and prefix of its tables).
 pub const NAME: &str = "history";
@@ -559,11 +559,9 @@ impl Projection for HistoryProjection {
         let mut lookups = Lookups::new(tables, Placeholders::of(tx));
         read_ahead(tx, &mut lookups, events).await?;
         let entries = fold_entries(tx, &mut lookups, tables, events).await?;
-        lookups
-            .write_back(tx)
-            .await
-            .map_err(BatchError::whole_batch)?;
-        entries.write(tx).await.map_err(BatchError::whole_batch)
+        let mut rows = lookups.changed_rows();
+        rows.push(entries);
+        write_all(tx, &rows).await.map_err(BatchError::whole_batch)
     }
 
     fn rebuilds_to_rows(&self) -> bool {
@@ -611,13 +609,10 @@ async fn read_ahead(
     lookups: &mut Lookups,
     events: &[RecordedEvent],
 ) -> Result<(), BatchError> {
-    for (table, keys) in lookup_keys(events) {
-        lookups
-            .read_ahead(conn, table, keys)
-            .await
-            .map_err(BatchError::whole_batch)?;
-    }
-    Ok(())
+    lookups
+        .read_ahead_all(conn, lookup_keys(events))
+        .await
+        .map_err(BatchError::whole_batch)
 }
 
 /// Folds `events` through `lookups` (reading through `conn`, at first use,

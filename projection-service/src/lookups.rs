@@ -13,7 +13,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use sqlx::{AnyConnection, Row as _};
 
-use crate::projection::{values_placeholders, Placeholders, Tables, Tx};
+use crate::projection::{push_values_placeholders, values_placeholders, Placeholders, Tables, Tx};
 pub use crate::rows::Kind;
 use crate::rows::{Field, RowSet};
 
@@ -110,6 +110,14 @@ impl Row {
         }
     }
 
+    /// An integer column (None when NULL or not an integer).
+    pub fn int(&self, column: &str) -> Option<i64> {
+        match &self.cells[self.table.index(column)] {
+            Cell::Int(number) => Some(*number),
+            Cell::Text(_) | Cell::Null => None,
+        }
+    }
+
     fn set(&mut self, cells: &[(&str, Cell)]) {
         for (column, cell) in cells {
             let index = self.table.index(column);
@@ -188,6 +196,71 @@ impl Lookups {
         table: &'static Table,
         keys: impl IntoIterator<Item = String>,
     ) -> Result<(), sqlx::Error> {
+        let wanted = self.not_held(table, keys);
+        for chunk in wanted.chunks(KEYS_PER_READ) {
+            let rows = self.read(conn, table, chunk).await?;
+            self.hold_read(table, chunk, rows);
+        }
+        Ok(())
+    }
+
+    /// [`Lookups::read_ahead`] for several tables. On PostgreSQL, when they
+    /// are a few keys in all, in one statement ([`together_sql`]): a live
+    /// batch asks a handful of keys of each table, and history's five reads
+    /// were five round trips (bench/README.md, cause 4).
+    pub async fn read_ahead_all(
+        &mut self,
+        conn: &mut AnyConnection,
+        wanted: Wanted,
+    ) -> Result<(), sqlx::Error> {
+        let mut missing = Vec::new();
+        for (table, keys) in wanted {
+            let keys = self.not_held(table, keys);
+            if !keys.is_empty() {
+                missing.push((table, keys));
+            }
+        }
+        let keys: usize = missing.iter().map(|(_, keys)| keys.len()).sum();
+        if self.style != Placeholders::Numbered || missing.len() < 2 || keys > KEYS_PER_READ {
+            for (table, keys) in missing {
+                for chunk in keys.chunks(KEYS_PER_READ) {
+                    let rows = self.read(conn, table, chunk).await?;
+                    self.hold_read(table, chunk, rows);
+                }
+            }
+            return Ok(());
+        }
+        let sql = together_sql(&self.tables, &missing);
+        let mut query = sqlx::query(&sql).persistent(false);
+        for (_, keys) in &missing {
+            for key in keys {
+                query = query.bind(key.as_str());
+            }
+        }
+        let mut found: Vec<Vec<Row>> = missing.iter().map(|_| Vec::new()).collect();
+        for row in query.fetch_all(&mut *conn).await? {
+            let part: i64 = row.try_get(0)?;
+            let index = usize::try_from(part)
+                .ok()
+                .filter(|index| *index < missing.len())
+                .ok_or_else(|| sqlx::Error::Decode(format!("no lookup part {part}").into()))?;
+            let table = missing[index].0;
+            let cells = cells_from_json(table, &row.try_get::<String, _>(1)?)?;
+            found[index].push(Row { table, cells });
+        }
+        for ((table, keys), rows) in missing.iter().zip(found) {
+            self.hold_read(table, keys, rows);
+        }
+        Ok(())
+    }
+
+    /// `keys` of `table` not held yet, sorted, once each; the held ones are
+    /// marked as asked for by this batch.
+    fn not_held(
+        &mut self,
+        table: &'static Table,
+        keys: impl IntoIterator<Item = String>,
+    ) -> Vec<String> {
         let batch = self.batch;
         let held = self.held.entry(table.base).or_default();
         let mut wanted = Vec::new();
@@ -199,26 +272,28 @@ impl Lookups {
         }
         wanted.sort_unstable();
         wanted.dedup();
-        for chunk in wanted.chunks(KEYS_PER_READ) {
-            let rows = self.read(conn, table, chunk).await?;
-            let held = self.held.entry(table.base).or_default();
-            for key in chunk {
-                held.rows.insert(key.clone(), Entry { row: None, batch });
-            }
-            for row in rows {
-                if let Cell::Text(key) = &row.cells[0] {
-                    let key = key.clone();
-                    held.rows.insert(
-                        key,
-                        Entry {
-                            row: Some(row),
-                            batch,
-                        },
-                    );
-                }
+        wanted
+    }
+
+    /// Holds what a read of `keys` found: its rows, None for the rest.
+    fn hold_read(&mut self, table: &'static Table, keys: &[String], rows: Vec<Row>) {
+        let batch = self.batch;
+        let held = self.held.entry(table.base).or_default();
+        for key in keys {
+            held.rows.insert(key.clone(), Entry { row: None, batch });
+        }
+        for row in rows {
+            if let Cell::Text(key) = &row.cells[0] {
+                let key = key.clone();
+                held.rows.insert(
+                    key,
+                    Entry {
+                        row: Some(row),
+                        batch,
+                    },
+                );
             }
         }
-        Ok(())
     }
 
     async fn read(
@@ -332,10 +407,7 @@ impl Lookups {
 
     /// Writes every row the batch changed, whole, in multi-row upserts.
     pub async fn write_back(&mut self, tx: &mut Tx) -> Result<(), sqlx::Error> {
-        for rows in self.changed_rows() {
-            rows.write(tx).await?;
-        }
-        Ok(())
+        crate::rows::write_all(tx, &self.changed_rows()).await
     }
 
     /// Every row the batch changed, whole, as upserts (a set per table);
@@ -388,6 +460,54 @@ impl Lookups {
         }
         self.batch += 1;
     }
+}
+
+/// One PostgreSQL statement reading the rows of several tables' keys: per
+/// table its part number and the row's cells as a JSON array (the tables'
+/// columns differ; JSON keeps text and integers exact), keys numbered on.
+fn together_sql(tables: &Tables, parts: &[(&'static Table, Vec<String>)]) -> String {
+    let mut sql = String::new();
+    let mut first = 1;
+    for (part, (table, keys)) in parts.iter().enumerate() {
+        if part > 0 {
+            sql.push_str(" UNION ALL ");
+        }
+        let columns: Vec<&str> = table.columns.iter().map(|(name, _)| *name).collect();
+        sql.push_str(&format!(
+            "SELECT CAST({part} AS BIGINT), CAST(json_build_array({}) AS TEXT) FROM {} WHERE {} IN ",
+            columns.join(", "),
+            tables.t(table.base),
+            table.key()
+        ));
+        push_values_placeholders(&mut sql, Placeholders::Numbered, first, 1, keys.len());
+        first += keys.len();
+    }
+    sql
+}
+
+/// A row's cells from the JSON array [`together_sql`] reads.
+fn cells_from_json(table: &'static Table, json: &str) -> Result<Vec<Cell>, sqlx::Error> {
+    let malformed = |what: &str| {
+        sqlx::Error::Decode(format!("a row of {} read as JSON: {what}: {json}", table.base).into())
+    };
+    let values: Vec<serde_json::Value> =
+        serde_json::from_str(json).map_err(|error| malformed(&error.to_string()))?;
+    if values.len() != table.columns.len() {
+        return Err(malformed("not a value per column"));
+    }
+    values
+        .into_iter()
+        .zip(table.columns)
+        .map(|(value, (column, kind))| match (value, kind) {
+            (serde_json::Value::Null, _) => Ok(Cell::Null),
+            (serde_json::Value::String(text), Kind::Text) => Ok(Cell::Text(text)),
+            (serde_json::Value::Number(number), Kind::Int) => number
+                .as_i64()
+                .map(Cell::Int)
+                .ok_or_else(|| malformed(column)),
+            _ => Err(malformed(column)),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -554,5 +674,130 @@ mod tests {
         a_batch_reads_changes_and_writes_back_rows_sqlite,
         a_batch_reads_changes_and_writes_back_rows_postgres,
         batch_semantics_body
+    );
+
+    static TAGS: Table = Table {
+        base: "tags",
+        columns: &[("tag", Kind::Text), ("weight", Kind::Int)],
+    };
+
+    #[test]
+    fn several_tables_are_read_in_one_statement_numbered_on() {
+        let tables = Tables::new("lookups_test", 3);
+        let parts = vec![
+            (&THINGS, vec!["a".to_string(), "b".to_string()]),
+            (&TAGS, vec!["t".to_string()]),
+        ];
+        assert_eq!(
+            together_sql(&tables, &parts),
+            format!(
+                "SELECT CAST(0 AS BIGINT), CAST(json_build_array(id, name, note, count) AS TEXT) \
+                 FROM {} WHERE id IN ($1, $2) UNION ALL SELECT CAST(1 AS BIGINT), \
+                 CAST(json_build_array(tag, weight) AS TEXT) FROM {} WHERE tag IN ($3)",
+                tables.t("things"),
+                tables.t("tags")
+            )
+        );
+    }
+
+    #[test]
+    fn cells_read_as_json_keep_their_kinds_and_refuse_others() {
+        let cells =
+            cells_from_json(&THINGS, r#"["a","{\"x\": 1} é",null,9007199254740993]"#).unwrap();
+        assert_eq!(
+            cells,
+            vec![
+                Cell::Text("a".into()),
+                Cell::Text("{\"x\": 1} é".into()),
+                Cell::Null,
+                Cell::Int(9_007_199_254_740_993),
+            ]
+        );
+        for bad in [
+            r#"["a","b",null]"#,
+            r#"["a",1,null,2]"#,
+            r#"["a","b",null,"2"]"#,
+            "nope",
+        ] {
+            let error = cells_from_json(&THINGS, bad).unwrap_err().to_string();
+            assert!(error.contains("things"), "{error}");
+        }
+    }
+
+    async fn read_ahead_all_body(db: ReadDb) {
+        let tables = Tables::new("lookups_test", 2);
+        let (things, tags) = (tables.t("things"), tables.t("tags"));
+        let mut tx = db.begin_write().await.unwrap();
+        sql(&mut tx, format!("CREATE TABLE {things} (id TEXT PRIMARY KEY, name TEXT NOT NULL, note TEXT, count BIGINT NOT NULL)")).await;
+        sql(
+            &mut tx,
+            format!("CREATE TABLE {tags} (tag TEXT PRIMARY KEY, weight BIGINT)"),
+        )
+        .await;
+        sql(&mut tx, format!("INSERT INTO {things} VALUES ('a', 'A \"quoted\" é', NULL, -7), ('b', 'B', '{{\"j\": [1]}}', 9007199254740993)")).await;
+        sql(
+            &mut tx,
+            format!("INSERT INTO {tags} VALUES ('t', NULL), ('u', 3)"),
+        )
+        .await;
+        tx.commit().await.unwrap();
+
+        let mut tx = db.begin_write().await.unwrap();
+        let mut lookups = Lookups::new(&tables, Placeholders::of(&tx));
+        let keys = |keys: &[&str]| keys.iter().map(|key| key.to_string()).collect::<Vec<_>>();
+        lookups
+            .read_ahead_all(
+                &mut tx,
+                vec![
+                    (&THINGS, keys(&["b", "a", "zz", "a"])),
+                    (&TAGS, keys(&["t", "u", "v"])),
+                ],
+            )
+            .await
+            .unwrap();
+        // Every key asked for is held (None: absent), so `get` reads nothing more.
+        let cells = |table: &'static Table, key: &str| {
+            let held = lookups
+                .held
+                .get(table.base)
+                .and_then(|held| held.rows.get(key))
+                .map(|entry| entry.row.as_ref().map(|row| row.cells.clone()));
+            held.expect("held")
+        };
+        assert_eq!(
+            cells(&THINGS, "a"),
+            Some(vec![
+                Cell::Text("a".into()),
+                Cell::Text("A \"quoted\" é".into()),
+                Cell::Null,
+                Cell::Int(-7),
+            ])
+        );
+        assert_eq!(
+            cells(&THINGS, "b"),
+            Some(vec![
+                Cell::Text("b".into()),
+                Cell::Text("B".into()),
+                Cell::Text("{\"j\": [1]}".into()),
+                Cell::Int(9_007_199_254_740_993),
+            ])
+        );
+        assert_eq!(cells(&THINGS, "zz"), None);
+        assert_eq!(
+            cells(&TAGS, "t"),
+            Some(vec![Cell::Text("t".into()), Cell::Null])
+        );
+        assert_eq!(
+            cells(&TAGS, "u"),
+            Some(vec![Cell::Text("u".into()), Cell::Int(3)])
+        );
+        assert_eq!(cells(&TAGS, "v"), None);
+        tx.rollback().await.unwrap();
+    }
+
+    on_both_backends!(
+        read_ahead_all_holds_every_table_s_rows_sqlite,
+        read_ahead_all_holds_every_table_s_rows_postgres,
+        read_ahead_all_body
     );
 }

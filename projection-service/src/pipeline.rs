@@ -33,10 +33,10 @@ use sqlx::Row;
 
 use crate::lookups::{Cell, Kind, Lookups, Table};
 use crate::projection::{
-    apply_as_batch, decode, insert_rows, BatchError, Placeholders, Projection, ProjectionError,
-    Tables, Tx,
+    apply_as_batch, decode, BatchError, Placeholders, Projection, ProjectionError, Tables, Tx,
 };
 use crate::readdb::{timestamp, ReadDb};
+use crate::rows::{write_all, Field, RowSet};
 
 /// Base name of the current-state table (one row per opportunity).
 pub const OPPORTUNITIES: &str = "opportunities";
@@ -578,73 +578,86 @@ impl BatchFold {
     }
 
     /// Writes the batch: stored visits and closes it ended first (the ones
-    /// it adds are not stored yet), then its opportunities, visits and closes.
+    /// it adds are not stored yet), then its opportunities, visits and closes
+    /// (on PostgreSQL in one statement, [`write_all`]).
     async fn write(mut self, tx: &mut Tx) -> Result<(), sqlx::Error> {
         self.end_stored(tx, STAGE_HISTORY, "left_at", &self.left)
             .await?;
         self.end_stored(tx, CLOSES, "reopened_at", &self.reopened)
             .await?;
-        self.lookups.write_back(tx).await?;
-        let visits: Vec<(&String, &NewVisit)> = self
+        let mut rows = self.lookups.changed_rows();
+        let mut visits = RowSet::new(
+            self.tables.t(STAGE_HISTORY),
+            &VISIT_ROW,
+            "ON CONFLICT (opportunity_id, seq) DO NOTHING".into(),
+            ROWS_PER_INSERT,
+        );
+        for (id, visit) in self
             .visits
             .iter()
             .flat_map(|(id, visits)| visits.iter().map(move |visit| (id, visit)))
-            .collect();
-        insert_rows(
-            tx,
-            &format!(
-                "{} (opportunity_id, seq, stage, entered_at, left_at)",
-                self.tables.t(STAGE_HISTORY)
-            ),
-            "ON CONFLICT (opportunity_id, seq) DO NOTHING",
-            5,
+        {
+            visits.push([
+                Field::Text(id),
+                Field::Int(visit.seq),
+                Field::Text(&visit.stage),
+                Field::Text(&visit.entered_at),
+                visit.left_at.as_deref().into(),
+            ]);
+        }
+        let mut closes = RowSet::new(
+            self.tables.t(CLOSES),
+            &CLOSE_ROW,
+            "ON CONFLICT (opportunity_id, seq) DO NOTHING".into(),
             ROWS_PER_INSERT,
-            &visits,
-            |query, (id, visit)| {
-                query
-                    .bind(id.as_str())
-                    .bind(visit.seq)
-                    .bind(visit.stage.as_str())
-                    .bind(visit.entered_at.as_str())
-                    .bind(visit.left_at.as_deref())
-            },
-        )
-        .await?;
-        let closes: Vec<(&String, &Close)> = self
+        );
+        for (id, close) in self
             .closes
             .iter()
             .flat_map(|(id, closes)| closes.iter().map(move |close| (id, close)))
-            .collect();
-        insert_rows(
-            tx,
-            &format!(
-                "{} (opportunity_id, seq, outcome, owner, pipeline, stage_before_close,
-                    opened_at, closed_at, close_amount, close_currency, reopened_at)",
-                self.tables.t(CLOSES)
-            ),
-            "ON CONFLICT (opportunity_id, seq) DO NOTHING",
-            11,
-            ROWS_PER_INSERT,
-            &closes,
-            |query, (id, close)| {
-                query
-                    .bind(id.as_str())
-                    .bind(close.seq)
-                    .bind(close.outcome)
-                    .bind(close.owner.as_str())
-                    .bind(close.pipeline.as_str())
-                    .bind(close.stage_before_close.as_str())
-                    .bind(close.opened_at.as_str())
-                    .bind(close.closed_at.as_str())
-                    .bind(close.close_amount.as_deref())
-                    .bind(close.close_currency.as_deref())
-                    .bind(close.reopened_at.as_deref())
-            },
-        )
-        .await?;
-        Ok(())
+        {
+            closes.push([
+                Field::Text(id),
+                Field::Int(close.seq),
+                Field::Text(close.outcome),
+                Field::Text(&close.owner),
+                Field::Text(&close.pipeline),
+                Field::Text(&close.stage_before_close),
+                Field::Text(&close.opened_at),
+                Field::Text(&close.closed_at),
+                close.close_amount.as_deref().into(),
+                close.close_currency.as_deref().into(),
+                close.reopened_at.as_deref().into(),
+            ]);
+        }
+        rows.extend([visits, closes]);
+        write_all(tx, &rows).await
     }
 }
+
+/// A stage visit's row in the stage history.
+static VISIT_ROW: [(&str, Kind); 5] = [
+    ("opportunity_id", Kind::Text),
+    ("seq", Kind::Int),
+    ("stage", Kind::Text),
+    ("entered_at", Kind::Text),
+    ("left_at", Kind::Text),
+];
+
+/// A close record's row.
+static CLOSE_ROW: [(&str, Kind); 11] = [
+    ("opportunity_id", Kind::Text),
+    ("seq", Kind::Int),
+    ("outcome", Kind::Text),
+    ("owner", Kind::Text),
+    ("pipeline", Kind::Text),
+    ("stage_before_close", Kind::Text),
+    ("opened_at", Kind::Text),
+    ("closed_at", Kind::Text),
+    ("close_amount", Kind::Text),
+    ("close_currency", Kind::Text),
+    ("reopened_at", Kind::Text),
+];
 
 pub use crate::money::MoneyView;
 use crate::money::Totals;

@@ -276,6 +276,19 @@ pub const KEY_ONLY: &str = " /* key only */";
 /// 100, some with thousands of parameters) held hundreds of MiB on SQLite.
 pub fn values_placeholders(style: Placeholders, rows: usize, columns: usize) -> String {
     let mut sql = String::with_capacity(rows * columns * 5);
+    push_values_placeholders(&mut sql, style, 1, rows, columns);
+    sql
+}
+
+/// [`values_placeholders`] onto `sql`, numbered from `$first` (a statement
+/// binding other values before these).
+pub fn push_values_placeholders(
+    sql: &mut String,
+    style: Placeholders,
+    first: usize,
+    rows: usize,
+    columns: usize,
+) {
     for row in 0..rows {
         if row > 0 {
             sql.push_str(", ");
@@ -288,14 +301,13 @@ pub fn values_placeholders(style: Placeholders, rows: usize, columns: usize) -> 
             match style {
                 Placeholders::Numbered => {
                     sql.push('$');
-                    sql.push_str(&(row * columns + column + 1).to_string());
+                    sql.push_str(&(first + row * columns + column).to_string());
                 }
                 Placeholders::InOrder => sql.push('?'),
             }
         }
         sql.push(')');
     }
-    sql
 }
 
 /// A query on the read-model database with its bound values.

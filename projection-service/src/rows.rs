@@ -3,7 +3,7 @@
 //! multi-row statements) or by a rebuild's own SQLite writer
 //! ([`crate::rebuild_writer`], one prepared statement per table).
 
-use crate::projection::{insert_rows, AnyQuery, Tx};
+use crate::projection::{insert_rows, push_values_placeholders, AnyQuery, Placeholders, Tx};
 
 /// Type of a column, so a NULL is bound as the column's type (PostgreSQL
 /// refuses a text NULL for a BIGINT column).
@@ -205,6 +205,77 @@ impl RowSet {
     }
 }
 
+/// Most values [`write_all`] writes in one statement: a live batch's rows
+/// (some hundreds); a catch-up's or rebuild's batches keep their prepared
+/// full-size statements, whose round trips are few per row.
+const ONE_STATEMENT_VALUES: usize = 2_000;
+
+/// Writes a batch's sets of rows inside `tx`. On PostgreSQL, when every set
+/// is of another table and all their values fit one statement, they go in
+/// one: a data-modifying `WITH` per set but the last, one round trip. A live
+/// batch writes a few rows to each of several tables, and its statements'
+/// round trips, not the database's work, were most of its time (history's
+/// six writes; bench/README.md, cause 4). Otherwise (SQLite, which has no
+/// data-modifying `WITH` and no round trips; a table named twice; more than
+/// [`ONE_STATEMENT_VALUES`]) each set is written as [`RowSet::write`] writes it.
+pub async fn write_all(tx: &mut Tx, sets: &[RowSet]) -> Result<(), sqlx::Error> {
+    let sets: Vec<&RowSet> = sets.iter().filter(|set| !set.is_empty()).collect();
+    let values: usize = sets.iter().map(|set| set.slots.len()).sum();
+    let mut tables: Vec<&str> = sets.iter().map(|set| set.table.as_str()).collect();
+    tables.sort_unstable();
+    tables.dedup();
+    let one_statement = sets.len() > 1
+        && tables.len() == sets.len()
+        && values <= ONE_STATEMENT_VALUES
+        && Placeholders::of(tx) == Placeholders::Numbered;
+    if !one_statement {
+        for set in sets {
+            set.write(tx).await?;
+        }
+        return Ok(());
+    }
+    let sql = one_statement_for(&sets);
+    // Unprepared: each batch's row counts make a text of their own.
+    let mut query = sqlx::query(&sql).persistent(false);
+    for set in &sets {
+        for row in set.rows() {
+            for (field, (_, kind)) in row.zip(set.columns) {
+                query = field.bind(query, *kind);
+            }
+        }
+    }
+    query.execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// `WITH w0 AS (INSERT ..), w1 AS (INSERT ..) INSERT ..`: every set's rows,
+/// its values numbered on from the set before's.
+fn one_statement_for(sets: &[&RowSet]) -> String {
+    let mut sql = String::new();
+    let mut first = 1;
+    for (index, set) in sets.iter().enumerate() {
+        let last = index + 1 == sets.len();
+        sql.push_str(match (index, last) {
+            (0, false) => "WITH ",
+            (_, true) => " ",
+            _ => ", ",
+        });
+        if !last {
+            sql.push_str(&format!("w{index} AS ("));
+        }
+        sql.push_str(&format!("INSERT INTO {} VALUES ", set.target()));
+        let columns = set.columns.len();
+        push_values_placeholders(&mut sql, Placeholders::Numbered, first, set.len(), columns);
+        sql.push(' ');
+        sql.push_str(&set.tail);
+        if !last {
+            sql.push(')');
+        }
+        first += set.slots.len();
+    }
+    sql
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,8 +312,160 @@ mod tests {
     }
 
     #[test]
+    fn sets_of_several_tables_make_one_statement_numbered_on() {
+        let mut pairs = RowSet::new("p".into(), &PAIRS, "ON CONFLICT (n) DO NOTHING".into(), 1);
+        pairs.push([Field::Int(1), "one".into()]);
+        pairs.push([Field::Int(2), Field::Null]);
+        let mut more = RowSet::new("q".into(), &PAIRS, String::new(), 1);
+        more.push([Field::Int(3), "three".into()]);
+        let mut last = RowSet::new("r".into(), &PAIRS, "ON CONFLICT DO NOTHING".into(), 1);
+        last.push([Field::Int(4), "four".into()]);
+        assert_eq!(
+            one_statement_for(&[&pairs, &more, &last]),
+            "WITH w0 AS (INSERT INTO p (n, label) VALUES ($1, $2), ($3, $4) ON CONFLICT (n) DO \
+             NOTHING), w1 AS (INSERT INTO q (n, label) VALUES ($5, $6) ) INSERT INTO r (n, \
+             label) VALUES ($7, $8) ON CONFLICT DO NOTHING"
+        );
+    }
+
+    #[test]
     #[should_panic(expected = "one value per column")]
     fn a_row_of_the_wrong_width_is_refused() {
         RowSet::new("t".into(), &PAIRS, String::new(), 10).push([Field::Int(1)]);
     }
+
+    use crate::readdb::{ReadBackend, ReadDb};
+    use crate::records::scenario::on_both_backends;
+    use sqlx::Row as _;
+
+    /// The rows of table `t` as (n, label).
+    async fn pairs_in(db: &ReadDb, t: &str) -> Vec<(i64, Option<String>)> {
+        sqlx::query(&format!("SELECT n, label FROM {t} ORDER BY n"))
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get("n"), row.get("label")))
+            .collect()
+    }
+
+    async fn write_all_body(db: ReadDb) {
+        for t in ["wa_p", "wa_q"] {
+            sqlx::query(&format!(
+                "CREATE TABLE {t} (n BIGINT PRIMARY KEY, label TEXT)"
+            ))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        }
+        let postgres = db.backend == ReadBackend::Postgres;
+        if postgres {
+            // Which statement wrote each table: statement_timestamp() is the
+            // client statement's, shared by the parts of one `WITH`.
+            sqlx::raw_sql(
+                "CREATE TABLE wa_writes (t TEXT NOT NULL, at TEXT NOT NULL);
+                 CREATE FUNCTION wa_note() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN INSERT INTO wa_writes VALUES (TG_TABLE_NAME, statement_timestamp()::text);
+                 RETURN NULL; END $$;
+                 CREATE TRIGGER wa_p_note AFTER INSERT ON wa_p FOR EACH STATEMENT EXECUTE FUNCTION wa_note();
+                 CREATE TRIGGER wa_q_note AFTER INSERT ON wa_q FOR EACH STATEMENT EXECUTE FUNCTION wa_note();",
+            )
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        }
+        let mut p = RowSet::new(
+            "wa_p".into(),
+            &PAIRS,
+            "ON CONFLICT (n) DO UPDATE SET label = EXCLUDED.label".into(),
+            2,
+        );
+        for n in 1..=5 {
+            p.push([Field::Int(n), Field::Text(&format!("p{n}"))]);
+        }
+        let mut q = RowSet::new("wa_q".into(), &PAIRS, String::new(), 2);
+        q.push([Field::Int(7), Field::Null]);
+        q.push([Field::Int(8), "eight".into()]);
+        let empty = RowSet::new("wa_r".into(), &PAIRS, String::new(), 2);
+        let mut tx = db.begin_write().await.unwrap();
+        write_all(&mut tx, &[p.clone(), empty, q]).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            pairs_in(&db, "wa_p").await,
+            (1..=5)
+                .map(|n| (n, Some(format!("p{n}"))))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            pairs_in(&db, "wa_q").await,
+            vec![(7, None), (8, Some("eight".into()))]
+        );
+        if postgres {
+            let statements: Vec<(String, i64)> = sqlx::query(
+                "SELECT string_agg(t, ',' ORDER BY t) AS ts, COUNT(*) AS n FROM wa_writes GROUP BY at",
+            )
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get("ts"), row.get("n")))
+            .collect();
+            assert_eq!(
+                statements,
+                vec![("wa_p,wa_q".to_string(), 2)],
+                "one statement"
+            );
+        }
+
+        // More values than one statement takes: a statement per set (or chunk).
+        let mut big = RowSet::new(
+            "wa_p".into(),
+            &PAIRS,
+            "ON CONFLICT (n) DO NOTHING".into(),
+            600,
+        );
+        for n in 100..(100 + ONE_STATEMENT_VALUES as i64 / 2) {
+            big.push([Field::Int(n), Field::Null]);
+        }
+        let mut small = RowSet::new("wa_q".into(), &PAIRS, String::new(), 2);
+        small.push([Field::Int(9), "nine".into()]);
+        let mut tx = db.begin_write().await.unwrap();
+        write_all(&mut tx, &[big, small]).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            pairs_in(&db, "wa_p").await.len(),
+            5 + ONE_STATEMENT_VALUES / 2
+        );
+        assert_eq!(pairs_in(&db, "wa_q").await.len(), 3);
+        if postgres {
+            let statements: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT at) FROM wa_writes")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+            assert_eq!(
+                statements,
+                1 + 2 + 1,
+                "the first write's, big's two chunks, small's"
+            );
+        }
+
+        // A table named twice: each set by itself, in order (the later row wins).
+        let mut again = RowSet::new(
+            "wa_p".into(),
+            &PAIRS,
+            "ON CONFLICT (n) DO UPDATE SET label = EXCLUDED.label".into(),
+            2,
+        );
+        again.push([Field::Int(1), "again".into()]);
+        let mut tx = db.begin_write().await.unwrap();
+        write_all(&mut tx, &[p, again]).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(pairs_in(&db, "wa_p").await[0], (1, Some("again".into())));
+    }
+
+    on_both_backends!(
+        write_all_writes_every_set_on_sqlite,
+        write_all_writes_every_set_in_one_statement_on_postgres,
+        write_all_body
+    );
 }

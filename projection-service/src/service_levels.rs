@@ -24,7 +24,10 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use crate::projection::{decode, Projection, ProjectionError, Tables, Tx};
+use crate::lookups::{Cell, Kind, Lookups, Table};
+use crate::projection::{
+    apply_as_batch, decode, BatchError, Placeholders, Projection, ProjectionError, Tables, Tx,
+};
 use crate::readdb::{timestamp, ReadDb};
 
 /// Base name of the table (one row per case).
@@ -85,14 +88,81 @@ impl Projection for ServiceLevelsProjection {
         tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<(), ProjectionError> {
-        if event.stream_type != "case" {
-            return Ok(());
+        apply_as_batch(self, tx, tables, event).await
+    }
+
+    /// Reads the batch's cases in one statement, folds every event into them
+    /// in memory (in log order) and writes each changed case once: a
+    /// statement per event was the slowest live fold on PostgreSQL, a round
+    /// trip each (bench/README.md, cause 4).
+    async fn apply_batch(
+        &self,
+        tx: &mut Tx,
+        tables: &Tables,
+        events: &[RecordedEvent],
+    ) -> Result<(), BatchError> {
+        let mut cases = Lookups::new(tables, Placeholders::of(tx));
+        let ids = events
+            .iter()
+            .filter(|event| event.stream_type == "case")
+            .map(|event| event.stream_id.clone());
+        cases
+            .read_ahead(tx, &CASE_ROWS, ids)
+            .await
+            .map_err(BatchError::whole_batch)?;
+        for (index, event) in events.iter().enumerate() {
+            if event.stream_type == "case" {
+                fold_case(tx, &mut cases, event)
+                    .await
+                    .map_err(BatchError::at(index))?;
+            }
         }
-        let t = tables.t(CASES);
-        let id = event.stream_id.clone();
-        let updated_at = timestamp(&event.recorded_at);
-        // Every statement but the insert ends with: version, position, updated_at, id.
-        let (sql, values): (String, Vec<Value>) = match decode::<CaseEvent>(event)? {
+        cases.write_back(tx).await.map_err(BatchError::whole_batch)
+    }
+}
+
+/// The cases table as the fold holds its rows.
+static CASE_ROWS: Table = Table {
+    base: CASES,
+    columns: &[
+        ("id", Kind::Text),
+        ("account_id", Kind::Text),
+        ("contact_id", Kind::Text),
+        ("priority", Kind::Text),
+        ("status", Kind::Text),
+        ("assignee", Kind::Text),
+        ("opened_at", Kind::Text),
+        ("first_response_due", Kind::Text),
+        ("resolution_due", Kind::Text),
+        ("first_responded_at", Kind::Text),
+        ("resolved_at", Kind::Text),
+        ("closed_at", Kind::Text),
+        ("escalation_level", Kind::Int),
+        ("reopen_count", Kind::Int),
+        ("version", Kind::Int),
+        ("position", Kind::Int),
+        ("updated_at", Kind::Text),
+    ],
+};
+
+/// Folds one case event into its row: an opening creates it (once), every
+/// later event changes it and stamps its version, position and time (an
+/// event of a case without a row changes nothing).
+async fn fold_case(
+    tx: &mut Tx,
+    cases: &mut Lookups,
+    event: &RecordedEvent,
+) -> Result<(), ProjectionError> {
+    let id = event.stream_id.as_str();
+    let stamp = [
+        ("version", Cell::Int(event.version)),
+        ("position", Cell::Int(event.position)),
+        ("updated_at", timestamp(&event.recorded_at).into()),
+    ];
+    // Read ahead with the batch, or made by an earlier event of it.
+    let case = cases.get(tx, &CASE_ROWS, id).await?.cloned();
+    let mut cells: Vec<(&str, Cell)> = match (decode::<CaseEvent>(event)?, case) {
+        (
             CaseEvent::CaseOpened {
                 account_id,
                 contact_id,
@@ -101,93 +171,69 @@ impl Projection for ServiceLevelsProjection {
                 first_response_due,
                 resolution_due,
                 ..
-            } => {
-                sqlx::query(&format!(
-                    "INSERT INTO {t} (id, account_id, contact_id, priority, status, opened_at,
-                        first_response_due, resolution_due, escalation_level, reopen_count,
-                        version, position, updated_at)
-                     VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, 0, 0, $8, $9, $10)
-                     ON CONFLICT (id) DO NOTHING"
-                ))
-                .bind(id)
-                .bind(account_id.map(|a| a.to_string()))
-                .bind(contact_id.map(|c| c.to_string()))
-                .bind(priority.as_str().to_string())
-                .bind(timestamp(&opened_at))
-                .bind(timestamp(&first_response_due))
-                .bind(timestamp(&resolution_due))
-                .bind(event.version)
-                .bind(event.position)
-                .bind(updated_at)
-                .execute(&mut **tx)
-                .await?;
-                return Ok(());
-            }
-            CaseEvent::CaseAssigned { to, .. } => (
-                "assignee = $1, status = CASE WHEN status = 'open' THEN 'assigned' ELSE status END"
-                    .into(),
-                vec![Value::Text(to)],
-            ),
+            },
+            None,
+        ) => {
+            let mut cells = vec![
+                ("account_id", account_id.map(|a| a.to_string()).into()),
+                ("contact_id", contact_id.map(|c| c.to_string()).into()),
+                ("priority", priority.as_str().into()),
+                ("status", "open".into()),
+                ("opened_at", timestamp(&opened_at).into()),
+                ("first_response_due", timestamp(&first_response_due).into()),
+                ("resolution_due", timestamp(&resolution_due).into()),
+                ("escalation_level", 0.into()),
+                ("reopen_count", 0.into()),
+            ];
+            cells.extend(stamp);
+            cases.upsert(tx, &CASE_ROWS, id, &cells).await?;
+            return Ok(());
+        }
+        (CaseEvent::CaseOpened { .. }, Some(_)) | (_, None) => return Ok(()),
+        (CaseEvent::CaseAssigned { to, .. }, Some(case)) => {
+            let status = case.text("status").unwrap_or_default();
+            let status = if status == "open" {
+                "assigned".into()
+            } else {
+                status
+            };
+            vec![("assignee", to.into()), ("status", status.into())]
+        }
+        (
             CaseEvent::CaseCommented {
                 first_response: true,
                 occurred_at,
                 ..
-            } => (
-                "first_responded_at = COALESCE(first_responded_at, $1)".into(),
-                vec![Value::Text(timestamp(&occurred_at))],
-            ),
-            CaseEvent::CaseCommented { .. } => (String::new(), vec![]),
-            CaseEvent::CaseEscalated { level, .. } => (
-                "escalation_level = $1".into(),
-                vec![Value::Int(i64::from(level))],
-            ),
-            CaseEvent::CaseResolved { occurred_at, .. } => (
-                "status = 'resolved', resolved_at = $1".into(),
-                vec![Value::Text(timestamp(&occurred_at))],
-            ),
-            CaseEvent::CaseClosed { occurred_at } => (
-                "status = 'closed', closed_at = $1".into(),
-                vec![Value::Text(timestamp(&occurred_at))],
-            ),
-            CaseEvent::CaseReopened { to, .. } => (
-                "status = $1, resolved_at = NULL, closed_at = NULL, reopen_count = reopen_count + 1"
-                    .into(),
-                vec![Value::Text(to.as_str().to_string())],
-            ),
-        };
-        let n = values.len();
-        let sets = if sql.is_empty() {
-            String::new()
-        } else {
-            format!("{sql}, ")
-        };
-        let statement = format!(
-            "UPDATE {t} SET {sets}version = ${}, position = ${}, updated_at = ${} WHERE id = ${}",
-            n + 1,
-            n + 2,
-            n + 3,
-            n + 4
-        );
-        let mut q = sqlx::query(&statement);
-        for v in values {
-            q = match v {
-                Value::Text(s) => q.bind(s),
-                Value::Int(i) => q.bind(i),
-            };
+            },
+            Some(case),
+        ) if case.text("first_responded_at").is_none() => {
+            vec![("first_responded_at", timestamp(&occurred_at).into())]
         }
-        q.bind(event.version)
-            .bind(event.position)
-            .bind(updated_at)
-            .bind(id)
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-}
-
-enum Value {
-    Text(String),
-    Int(i64),
+        (CaseEvent::CaseCommented { .. }, Some(_)) => vec![],
+        (CaseEvent::CaseEscalated { level, .. }, Some(_)) => {
+            vec![("escalation_level", i64::from(level).into())]
+        }
+        (CaseEvent::CaseResolved { occurred_at, .. }, Some(_)) => vec![
+            ("status", "resolved".into()),
+            ("resolved_at", timestamp(&occurred_at).into()),
+        ],
+        (CaseEvent::CaseClosed { occurred_at }, Some(_)) => vec![
+            ("status", "closed".into()),
+            ("closed_at", timestamp(&occurred_at).into()),
+        ],
+        (CaseEvent::CaseReopened { to, .. }, Some(case)) => vec![
+            ("status", to.as_str().into()),
+            ("resolved_at", Cell::Null),
+            ("closed_at", Cell::Null),
+            (
+                "reopen_count",
+                (case.int("reopen_count").unwrap_or(0) + 1).into(),
+            ),
+        ],
+    };
+    cells.extend(stamp);
+    cases.update(tx, &CASE_ROWS, id, &cells).await?;
+    Ok(())
 }
 
 /// Rejected queries (the HTTP layer answers 422).

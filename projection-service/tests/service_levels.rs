@@ -436,3 +436,91 @@ async fn stats_by_priority_and_assignee() {
 async fn two_batches_equal_one() {
     on_both_backends(batches_match_single_batch).await;
 }
+
+/// Every column of every case, in id order.
+async fn case_rows(db: &ReadDb, tables: &Tables) -> Vec<Vec<Option<String>>> {
+    use sqlx::Row;
+    let columns = "id, account_id, contact_id, priority, status, assignee, opened_at, \
+                   first_response_due, resolution_due, first_responded_at, resolved_at, closed_at, \
+                   CAST(escalation_level AS TEXT), CAST(reopen_count AS TEXT), \
+                   CAST(version AS TEXT), CAST(position AS TEXT), updated_at";
+    sqlx::query(&format!(
+        "SELECT {columns} FROM {} ORDER BY id",
+        tables.t("cases")
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| (0..17).map(|i| row.get::<Option<String>, _>(i)).collect())
+    .collect()
+}
+
+async fn every_column_as_the_events_set_it(db: ReadDb) {
+    let mut script = Script { events: scenario() };
+    // Two public replies: the first one counts.
+    script.case(
+        8,
+        vec![
+            open(8, CasePriority::Low, t0()),
+            comment(true, hours(1)),
+            comment(true, hours(2)),
+        ],
+    );
+    let events = script.events;
+    let whole = folded(&db, 1, &[&events]).await;
+    let singles: Vec<&[RecordedEvent]> = events.chunks(1).collect();
+    let one_by_one = folded(&db, 2, &singles).await;
+    let rows = case_rows(&db, &whole).await;
+    assert_eq!(rows, case_rows(&db, &one_by_one).await);
+    let case = |n: u128| {
+        rows.iter()
+            .find(|row| row[0].as_deref() == Some(&cid(n).to_string()))
+            .unwrap_or_else(|| panic!("case {n}"))
+            .clone()
+    };
+    let last_position = |n: u128| {
+        events
+            .iter()
+            .filter(|event| event.stream_id == cid(n).to_string())
+            .map(|event| event.position)
+            .max()
+            .unwrap()
+            .to_string()
+    };
+    let at = |t: DateTime<Utc>| Some(crm_projection_service::readdb::timestamp(&t));
+    // Closed after its resolution: every column set on the way is kept.
+    let one = case(1);
+    assert_eq!(one[4].as_deref(), Some("closed"));
+    assert_eq!(one[5].as_deref(), Some("alice"));
+    assert_eq!(one[9], at(mins(30)));
+    assert_eq!(one[10], at(hours(3)));
+    assert_eq!(one[11], at(hours(5)));
+    assert_eq!(
+        (one[14].as_deref(), one[15].clone()),
+        (Some("5"), Some(last_position(1)))
+    );
+    // Escalated once.
+    assert_eq!(case(5)[12].as_deref(), Some("1"));
+    // Reopened: resolution cleared, counted once, open again.
+    let six = case(6);
+    assert_eq!(six[10], None);
+    assert_eq!(six[13].as_deref(), Some("1"));
+    assert_ne!(six[4].as_deref(), Some("resolved"));
+    assert_eq!(six[14].as_deref(), Some("5"));
+    // Not yet assigned, nor escalated, nor reopened.
+    let four = case(4);
+    assert_eq!((four[4].as_deref(), four[5].clone()), (Some("open"), None));
+    assert_eq!(
+        (four[12].as_deref(), four[13].as_deref()),
+        (Some("0"), Some("0"))
+    );
+    let eight = case(8);
+    assert_eq!(eight[9], at(hours(1)));
+    assert_eq!(eight[14].as_deref(), Some("3"));
+}
+
+#[tokio::test]
+async fn rows_hold_every_column_the_events_set_in_any_batching() {
+    on_both_backends(every_column_as_the_events_set_it).await;
+}
