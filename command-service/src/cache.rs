@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use cqrs_es::Aggregate;
 use crm_domain::account::Account;
 use crm_domain::aggregate::CrmAggregate;
 use crm_domain::case::Case;
@@ -65,6 +66,24 @@ pub const CACHED_PER_TYPE: u64 = 2_000;
 impl Default for Caches {
     fn default() -> Self {
         Self::new(CACHED_PER_TYPE)
+    }
+}
+
+impl Caches {
+    /// Whether the cache of `stream_type` holds the stream of `key` with
+    /// events (false for a type it does not cache).
+    pub fn holds_written(&self, stream_type: &str, key: &str) -> bool {
+        fn written<A: Send + Sync + 'static>(cache: &AggregateCache<A>, key: &str) -> bool {
+            cache.get(key).is_some_and(|loaded| loaded.version > 0)
+        }
+        match stream_type {
+            Lead::TYPE => written(&self.leads, key),
+            Account::TYPE => written(&self.accounts, key),
+            Contact::TYPE => written(&self.contacts, key),
+            Opportunity::TYPE => written(&self.opportunities, key),
+            Case::TYPE => written(&self.cases, key),
+            _ => false,
+        }
     }
 }
 

@@ -158,6 +158,7 @@ pub struct Executor {
     caches: Caches,
     locks: StreamLocks,
     events_loaded: AtomicU64,
+    existence_reads: AtomicU64,
 }
 
 impl Executor {
@@ -167,6 +168,7 @@ impl Executor {
             caches: Caches::default(),
             locks: StreamLocks::default(),
             events_loaded: AtomicU64::new(0),
+            existence_reads: AtomicU64::new(0),
         }
     }
 
@@ -177,6 +179,36 @@ impl Executor {
     /// Events read from the log to rebuild aggregates since start (a cost gauge).
     pub fn events_loaded(&self) -> u64 {
         self.events_loaded.load(Ordering::Relaxed)
+    }
+
+    /// Whether a stream has events (a command's reference to another
+    /// record). One this process holds with events in its cache needs no
+    /// read: the log only grows, so a stream once written always exists.
+    /// References are read on most create commands, a round trip each on
+    /// PostgreSQL (bench/README.md, cause 1).
+    pub async fn stream_exists(
+        &self,
+        tenant: &str,
+        stream_type: &str,
+        stream_id: &str,
+    ) -> Result<bool, LogError> {
+        if self
+            .caches
+            .holds_written(stream_type, &cache_key(tenant, stream_id))
+        {
+            return Ok(true);
+        }
+        self.existence_reads.fetch_add(1, Ordering::Relaxed);
+        Ok(self
+            .log
+            .stream_version(tenant, stream_type, stream_id)
+            .await?
+            > 0)
+    }
+
+    /// Reads of the log [`Executor::stream_exists`] made since start (a cost gauge).
+    pub fn existence_reads(&self) -> u64 {
+        self.existence_reads.load(Ordering::Relaxed)
     }
 
     /// Answers a retry with the first outcome, or refuses a reused key.

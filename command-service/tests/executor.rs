@@ -277,3 +277,43 @@ async fn replicas_stay_correct_on_postgres() {
     log.close().await;
     db.drop_db().await;
 }
+
+/// A reference to a stream this process has written is known to exist
+/// without reading the log; any other is read, and a missing one is missing.
+#[tokio::test]
+async fn references_to_streams_in_the_cache_are_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open_sqlite(&dir.path().join("events.db"))
+        .await
+        .unwrap();
+    let writer = Executor::new(log.clone());
+    let id = open(&writer).await.to_string();
+    for _ in 0..3 {
+        assert!(writer
+            .stream_exists(DEFAULT_TENANT, "opportunity", &id)
+            .await
+            .unwrap());
+    }
+    assert_eq!(writer.existence_reads(), 0, "held in the cache");
+    // Another tenant's stream of that id is another stream.
+    assert!(!writer
+        .stream_exists("other", "opportunity", &id)
+        .await
+        .unwrap());
+    assert!(!writer
+        .stream_exists(DEFAULT_TENANT, "opportunity", &Uuid::now_v7().to_string())
+        .await
+        .unwrap());
+    assert!(!writer
+        .stream_exists(DEFAULT_TENANT, "account", &id)
+        .await
+        .unwrap());
+    assert_eq!(writer.existence_reads(), 3);
+
+    let other_process = Executor::new(log.clone());
+    assert!(other_process
+        .stream_exists(DEFAULT_TENANT, "opportunity", &id)
+        .await
+        .unwrap());
+    assert_eq!(other_process.existence_reads(), 1, "read from the log");
+}

@@ -85,13 +85,12 @@ pub async fn require_existing(
     let mut missing = Vec::new();
     for (field, stream_type, id) in references {
         let Some(id) = id else { continue };
-        let version = app
+        let exists = app
             .executor
-            .log()
-            .stream_version(&actor.tenant, stream_type, &id.to_string())
+            .stream_exists(&actor.tenant, stream_type, &id.to_string())
             .await
             .map_err(|error| Problem::from_log(&error))?;
-        if version == 0 {
+        if !exists {
             missing.push(FieldError {
                 field: field.to_string(),
                 message: format!("no {stream_type} with id {id}"),
