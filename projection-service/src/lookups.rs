@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use crm_eventlog::RecordedEvent;
 use sqlx::{AnyConnection, Row as _};
 
 use crate::projection::{push_values_placeholders, values_placeholders, Placeholders, Tables, Tx};
@@ -202,6 +203,22 @@ impl Lookups {
             self.hold_read(table, chunk, rows);
         }
         Ok(())
+    }
+
+    /// Reads ahead the rows of `table` keyed by the stream ids of the
+    /// `events` of `stream_type` (a read model with a row per stream).
+    pub async fn read_ahead_streams(
+        &mut self,
+        conn: &mut AnyConnection,
+        table: &'static Table,
+        events: &[RecordedEvent],
+        stream_type: &str,
+    ) -> Result<(), sqlx::Error> {
+        let ids = events
+            .iter()
+            .filter(|event| event.stream_type == stream_type)
+            .map(|event| event.stream_id.clone());
+        self.read_ahead(conn, table, ids).await
     }
 
     /// [`Lookups::read_ahead`] for several tables. On PostgreSQL, when they

@@ -152,12 +152,8 @@ impl Projection for PipelineProjection {
         events: &[RecordedEvent],
     ) -> Result<(), BatchError> {
         let mut fold = BatchFold::new(tables, Placeholders::of(tx));
-        let ids = events
-            .iter()
-            .filter(|event| event.stream_type == "opportunity")
-            .map(|event| event.stream_id.clone());
         fold.lookups
-            .read_ahead(tx, &OPPORTUNITY_ROWS, ids)
+            .read_ahead_streams(tx, &OPPORTUNITY_ROWS, events, "opportunity")
             .await
             .map_err(BatchError::whole_batch)?;
         for (index, event) in events.iter().enumerate() {

@@ -102,12 +102,8 @@ impl Projection for ServiceLevelsProjection {
         events: &[RecordedEvent],
     ) -> Result<(), BatchError> {
         let mut cases = Lookups::new(tables, Placeholders::of(tx));
-        let ids = events
-            .iter()
-            .filter(|event| event.stream_type == "case")
-            .map(|event| event.stream_id.clone());
         cases
-            .read_ahead(tx, &CASE_ROWS, ids)
+            .read_ahead_streams(tx, &CASE_ROWS, events, "case")
             .await
             .map_err(BatchError::whole_batch)?;
         for (index, event) in events.iter().enumerate() {

@@ -121,6 +121,17 @@ async fn seen(db: &ReadDb, tables: &Tables) -> Vec<i64> {
     .collect()
 }
 
+/// The rows of a query of a text and a number column.
+async fn text_number_rows(db: &ReadDb, sql: &str) -> Vec<(String, i64)> {
+    sqlx::query(sql)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
 /// Whether the read-model database has an index of that name.
 async fn index_exists(db: &ReadDb, name: &str) -> bool {
     let sql = match db.backend {
@@ -486,16 +497,14 @@ async fn rebuild_by_stream(log: EventLog, db: ReadDb) {
         seen(&db, &rebuilt.tables()).await,
         (1..=head).collect::<Vec<_>>()
     );
-    let folded: Vec<(String, i64)> = sqlx::query(&format!(
-        "SELECT stream_id, position FROM {} ORDER BY fold",
-        rebuilt.tables().t("seen")
-    ))
-    .fetch_all(&db.pool)
-    .await
-    .unwrap()
-    .iter()
-    .map(|row| (row.get("stream_id"), row.get("position")))
-    .collect();
+    let folded = text_number_rows(
+        &db,
+        &format!(
+            "SELECT stream_id, position FROM {} ORDER BY fold",
+            rebuilt.tables().t("seen")
+        ),
+    )
+    .await;
     let mut by_stream = folded.clone();
     by_stream.sort();
     assert_eq!(
@@ -787,16 +796,14 @@ async fn folds_on_postgres_commit_without_waiting_for_the_flush() {
         )
         .await
         .unwrap_or_else(|failure| panic!("fold failed: {:?}", failure.error));
-        let folded: Vec<(String, i64)> = sqlx::query(&format!(
-            "SELECT mode, backend FROM {} ORDER BY position",
-            generation.tables().t("modes")
-        ))
-        .fetch_all(&db.pool)
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| (row.get("mode"), row.get("backend")))
-        .collect();
+        let folded = text_number_rows(
+            &db,
+            &format!(
+                "SELECT mode, backend FROM {} ORDER BY position",
+                generation.tables().t("modes")
+            ),
+        )
+        .await;
         assert_eq!(folded.len(), 3);
         assert!(folded.iter().all(|(mode, _)| mode == "off"), "{folded:?}");
         // The same connection (the pool's only one so far) is back to waiting.
