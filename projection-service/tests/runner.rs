@@ -771,6 +771,17 @@ impl Projection for CommitMode {
 async fn folds_on_postgres_commit_without_waiting_for_the_flush() {
     use crm_projection_service::fold::{fold_batch, Advance};
     on_postgres(|log, db| async move {
+        // One connection: the check after the fold runs on the fold's own
+        // (a pool returns a connection on a task of its own, so a larger one
+        // could hand out another).
+        let db = ReadDb {
+            pool: sqlx::any::AnyPoolOptions::new()
+                .max_connections(1)
+                .connect(&db.url)
+                .await
+                .unwrap(),
+            ..db
+        };
         for n in 0..3 {
             append(&log, &format!("s{n}"), json!({"n": n})).await;
         }
@@ -806,7 +817,7 @@ async fn folds_on_postgres_commit_without_waiting_for_the_flush() {
         .await;
         assert_eq!(folded.len(), 3);
         assert!(folded.iter().all(|(mode, _)| mode == "off"), "{folded:?}");
-        // The same connection (the pool's only one so far) is back to waiting.
+        // The same connection is back to waiting for the flush.
         let mut tx = db.begin_write().await.unwrap();
         let (mode, backend): (String, i64) = sqlx::query_as(
             "SELECT current_setting('synchronous_commit'), CAST(pg_backend_pid() AS BIGINT)",
@@ -817,6 +828,7 @@ async fn folds_on_postgres_commit_without_waiting_for_the_flush() {
         tx.commit().await.unwrap();
         assert_eq!(backend, folded[0].1, "the fold's connection");
         assert_eq!(mode, "on");
+        db.pool.close().await;
     })
     .await;
 }
