@@ -198,7 +198,18 @@ impl Lookups {
         keys: impl IntoIterator<Item = String>,
     ) -> Result<(), sqlx::Error> {
         let wanted = self.not_held(table, keys);
-        for chunk in wanted.chunks(KEYS_PER_READ) {
+        self.read_held(conn, table, &wanted).await
+    }
+
+    /// Reads `keys` of `table` (none held yet), a few hundred per statement,
+    /// and holds what was found.
+    async fn read_held(
+        &mut self,
+        conn: &mut AnyConnection,
+        table: &'static Table,
+        keys: &[String],
+    ) -> Result<(), sqlx::Error> {
+        for chunk in keys.chunks(KEYS_PER_READ) {
             let rows = self.read(conn, table, chunk).await?;
             self.hold_read(table, chunk, rows);
         }
@@ -240,10 +251,7 @@ impl Lookups {
         let keys: usize = missing.iter().map(|(_, keys)| keys.len()).sum();
         if self.style != Placeholders::Numbered || missing.len() < 2 || keys > KEYS_PER_READ {
             for (table, keys) in missing {
-                for chunk in keys.chunks(KEYS_PER_READ) {
-                    let rows = self.read(conn, table, chunk).await?;
-                    self.hold_read(table, chunk, rows);
-                }
+                self.read_held(conn, table, &keys).await?;
             }
             return Ok(());
         }

@@ -155,8 +155,13 @@ async fn fold_case(
         ("position", Cell::Int(event.position)),
         ("updated_at", timestamp(&event.recorded_at).into()),
     ];
-    // Read ahead with the batch, or made by an earlier event of it.
-    let case = cases.get(tx, &CASE_ROWS, id).await?.cloned();
+    // Read ahead with the batch, or made by an earlier event of it; only
+    // what the events below read of it is taken, not the whole row.
+    let case = cases.get(tx, &CASE_ROWS, id).await?.map(|row| CaseSoFar {
+        status: row.text("status").unwrap_or_default(),
+        responded: row.text("first_responded_at").is_some(),
+        reopens: row.int("reopen_count").unwrap_or(0),
+    });
     let mut cells: Vec<(&str, Cell)> = match (decode::<CaseEvent>(event)?, case) {
         (
             CaseEvent::CaseOpened {
@@ -187,11 +192,10 @@ async fn fold_case(
         }
         (CaseEvent::CaseOpened { .. }, Some(_)) | (_, None) => return Ok(()),
         (CaseEvent::CaseAssigned { to, .. }, Some(case)) => {
-            let status = case.text("status").unwrap_or_default();
-            let status = if status == "open" {
+            let status = if case.status == "open" {
                 "assigned".into()
             } else {
-                status
+                case.status
             };
             vec![("assignee", to.into()), ("status", status.into())]
         }
@@ -202,7 +206,7 @@ async fn fold_case(
                 ..
             },
             Some(case),
-        ) if case.text("first_responded_at").is_none() => {
+        ) if !case.responded => {
             vec![("first_responded_at", timestamp(&occurred_at).into())]
         }
         (CaseEvent::CaseCommented { .. }, Some(_)) => vec![],
@@ -221,15 +225,20 @@ async fn fold_case(
             ("status", to.as_str().into()),
             ("resolved_at", Cell::Null),
             ("closed_at", Cell::Null),
-            (
-                "reopen_count",
-                (case.int("reopen_count").unwrap_or(0) + 1).into(),
-            ),
+            ("reopen_count", (case.reopens + 1).into()),
         ],
     };
     cells.extend(stamp);
-    cases.update(tx, &CASE_ROWS, id, &cells).await?;
+    // The row is there (held above): set its cells without looking again.
+    cases.upsert(tx, &CASE_ROWS, id, &cells).await?;
     Ok(())
+}
+
+/// What a case's later events read of its row.
+struct CaseSoFar {
+    status: String,
+    responded: bool,
+    reopens: i64,
 }
 
 /// Rejected queries (the HTTP layer answers 422).
