@@ -11,6 +11,7 @@
 //! - read models: one module each (pipeline, history, audit, records, service levels);
 //!   [`lookups`]: a batch's lookup rows held in memory and written back at its end;
 //!   [`rows`]: rows a fold writes, as data; [`rebuild_writer`]: a rebuild's own SQLite writer
+//!   (its WAL checkpointed in the background by `wal_checkpointer`)
 
 pub mod audit;
 pub mod bus;
@@ -31,6 +32,7 @@ pub mod rows;
 pub mod runner;
 pub mod service_levels;
 pub mod status;
+mod wal_checkpointer;
 pub mod worker;
 
 pub use projection::{Projection, ProjectionError, Tables};

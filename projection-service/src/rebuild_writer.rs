@@ -27,6 +27,7 @@ use crate::lookups::{Cell, Kind, ReadRows, Row, Wanted};
 use crate::projection::Tables;
 use crate::readdb::{timestamp, BUSY_TIMEOUT_MS, WAL_CHECKPOINT_PAGES};
 use crate::rows::{Field, RowSet};
+use crate::wal_checkpointer::WalCheckpointer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -96,7 +97,16 @@ impl RebuildWriter {
     /// over after it); otherwise up to [`WRITE_ONLY_IN_FLIGHT`], so the
     /// writer has the next batch at hand whenever one fold runs long.
     pub fn open(file: &Path, reads_back: bool) -> Result<Self, WriteError> {
-        let connection = connect(file)?;
+        Self::start(file, reads_back, i64::from(WAL_CHECKPOINT_PAGES))
+    }
+
+    /// [`open`](Self::open), the WAL started over once it holds
+    /// `restart_wal_at_pages` ([`WalCheckpointer`]).
+    fn start(file: &Path, reads_back: bool, restart_wal_at_pages: i64) -> Result<Self, WriteError> {
+        // The writer's commits never checkpoint: the checkpointer's thread does.
+        let connection = connect(file, 0)?;
+        let checkpointer = WalCheckpointer::start(connect(file, 0)?, restart_wal_at_pages)
+            .map_err(|_| WriteError::Stopped)?;
         let max_in_flight = if reads_back {
             READING_BACK_IN_FLIGHT
         } else {
@@ -116,6 +126,9 @@ impl RebuildWriter {
                             done,
                         } => {
                             let written = write(&mut connection, &rows, checkpoint.as_ref());
+                            if written.is_ok() {
+                                checkpointer.committed(&connection);
+                            }
                             let _ = done.send((written, rows));
                         }
                         Job::Read {
@@ -216,16 +229,16 @@ impl RebuildWriter {
     }
 }
 
-/// The writer's connection: the read-model pool's settings (WAL, `NORMAL`
-/// sync, the same busy timeout and checkpoint interval).
-fn connect(file: &Path) -> Result<Connection, WriteError> {
+/// A connection with the read-model pool's settings (WAL, `NORMAL` sync, the
+/// same busy timeout) but its own automatic checkpoint interval (0: never).
+fn connect(file: &Path, autocheckpoint_pages: u32) -> Result<Connection, WriteError> {
     let connection = Connection::open_with_flags(
         file,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     connection.execute_batch(&format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-         PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES};"
+         PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; PRAGMA wal_autocheckpoint = {autocheckpoint_pages};"
     ))?;
     Ok(connection)
 }
@@ -630,5 +643,50 @@ mod tests {
         }
         writer.finish().await.unwrap();
         assert_eq!(differing(&db, &folded, &rebuilt, "records").await, 0);
+    }
+
+    /// The writer's WAL is checkpointed behind it and started over once it
+    /// holds the given size: after batches adding up to many times that
+    /// size, the WAL file stays far below what was written (without the
+    /// checkpoints it holds all of it) and every row is in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_is_checkpointed_behind_the_writer_and_stays_bounded() {
+        static COLUMNS: [(&str, Kind); 2] = [("n", Kind::Int), ("text", Kind::Text)];
+        let dir = tempfile::tempdir().unwrap();
+        let db = ReadDb::open_sqlite(&dir.path().join("read.db"))
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE filler (n INTEGER PRIMARY KEY, text TEXT NOT NULL)")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let file = db.file.clone().unwrap();
+        const RESTART_AT_PAGES: i64 = 64;
+        const PAGE: u64 = 4096;
+        let mut writer = RebuildWriter::start(&file, false, RESTART_AT_PAGES).unwrap();
+        // 400 batches of about 16 pages each: 100 times the restart size.
+        let (batches, rows_per_batch) = (400, 64);
+        let text = "x".repeat(1000);
+        for batch in 0..batches {
+            let mut rows = RowSet::new("filler".into(), &COLUMNS, String::new(), 100);
+            for row in 0..rows_per_batch {
+                rows.push([Field::Int(batch * rows_per_batch + row), Field::Text(&text)]);
+            }
+            writer.write(vec![rows], None).await.unwrap();
+        }
+        writer.finish().await.unwrap();
+        let written = u64::try_from(batches * rows_per_batch).unwrap() * 1000;
+        let wal = std::fs::metadata(file.with_extension("db-wal"))
+            .map(|meta| meta.len())
+            .unwrap_or(0);
+        assert!(
+            wal < written / 2,
+            "the WAL grew to {wal} bytes for {written} bytes written (restart at {} bytes)",
+            RESTART_AT_PAGES as u64 * PAGE
+        );
+        let sql = "SELECT COUNT(*), SUM(LENGTH(text)) FROM filler".to_string();
+        let row = sqlx::query(&sql).fetch_one(&db.pool).await.unwrap();
+        assert_eq!(row.get::<i64, _>(0), batches * rows_per_batch);
+        assert_eq!(row.get::<i64, _>(1) as u64, written);
     }
 }
