@@ -360,10 +360,14 @@ async fn query_runs(
     Ok(runs)
 }
 
-/// Our opportunity updates vs plain cqrs-es at each stream length.
+/// Our opportunity updates vs plain cqrs-es at each stream length: through
+/// `crm serve` (the read models folding beside the commands) and through
+/// `crm command-service` alone (the command path only, as the baseline has no
+/// read models either).
 async fn streams(args: &Args, data: &Dataset, report: &mut Report) -> anyhow::Result<()> {
     report.heading("(b) Opportunity updates by stream length: crm (HTTP, PostgreSQL) vs cqrs-es 0.5 + postgres-es");
-    let mut ours = Vec::new();
+    let mut serve = Vec::new();
+    let mut alone = Vec::new();
     let mut theirs = Vec::new();
     for &len in &args.stream_lengths {
         let plan = StreamPlan {
@@ -371,52 +375,71 @@ async fn streams(args: &Args, data: &Dataset, report: &mut Report) -> anyhow::Re
             clients: args.stream_clients,
             commands_per_client: args.stream_commands(len),
         };
-        let server = Server::start(Backend::Postgres).await?;
-        let world = World::register(&server.target, data.clone()).await?;
-        ours.push(runs::streams(&server, &world, plan).await?);
-        server.finish().await;
+        for (ours, start) in [(&mut serve, false), (&mut alone, true)] {
+            let server = if start {
+                Server::start_command_service().await?
+            } else {
+                Server::start(Backend::Postgres).await?
+            };
+            let world = World::register(&server.target, data.clone()).await?;
+            ours.push(runs::streams(&server, &world, plan).await?);
+            server.finish().await;
+        }
         theirs.push(cqrs_baseline::run(plan).await?);
     }
-    let all: Vec<&RunResult> = ours.iter().zip(&theirs).flat_map(|(a, b)| [a, b]).collect();
+    let all: Vec<&RunResult> = serve
+        .iter()
+        .zip(&alone)
+        .zip(&theirs)
+        .flat_map(|((a, b), c)| [a, b, c])
+        .collect();
     report.runs(&all);
-    for ((len, ours), theirs) in args.stream_lengths.iter().zip(&ours).zip(&theirs) {
+    for (ours, which) in [(&serve, "crm serve"), (&alone, "crm command-service alone")] {
+        stream_targets(args, report, ours, &theirs, which);
+    }
+    Ok(())
+}
+
+/// The stream-length targets for one of our runs (`which`) against cqrs-es.
+fn stream_targets(
+    args: &Args,
+    report: &mut Report,
+    ours: &[RunResult],
+    theirs: &[RunResult],
+    which: &str,
+) {
+    for ((len, ours), theirs) in args.stream_lengths.iter().zip(ours).zip(theirs) {
         let r = ratio(ours.rate(), theirs.rate());
         report.line(format!(
-            "{len} events/stream: crm {:.0}/s vs cqrs-es {:.0}/s = {r:.2}x",
+            "{len} events/stream: {which} {:.0}/s vs cqrs-es {:.0}/s = {r:.2}x",
             ours.rate(),
             theirs.rate()
         ));
-        match len {
-            10 => report.target(
-                "commands/s vs cqrs-es at 10-event streams >= 5x",
-                r,
-                5.0,
-                false,
-                "x",
-            ),
-            1000 => report.target(
-                "commands/s vs cqrs-es at 1,000-event streams >= 20x",
-                r,
-                20.0,
-                false,
-                "x",
-            ),
-            _ => {}
-        }
+        let minimum = match len {
+            10 => 5.0,
+            1000 => 20.0,
+            _ => continue,
+        };
+        report.target(
+            &format!("{which}: commands/s vs cqrs-es at {len}-event streams >= {minimum}x"),
+            r,
+            minimum,
+            false,
+            "x",
+        );
     }
     let short = args.stream_lengths.iter().position(|&len| len == 10);
     let long = args.stream_lengths.iter().position(|&len| len == 10_000);
     if let (Some(short), Some(long)) = (short, long) {
         let r = ratio(ours[long].p50_ms(), ours[short].p50_ms());
         report.target(
-            "crm p50 at 10,000-event streams / p50 at 10-event streams <= 1.2",
+            &format!("{which}: p50 at 10,000-event streams / p50 at 10-event streams <= 1.2"),
             r,
             1.2,
             true,
             "x",
         );
     }
-    Ok(())
 }
 
 /// The embedded default: throughput, queries, memory with `--events` in the

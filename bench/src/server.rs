@@ -200,6 +200,12 @@ impl Server {
         })
     }
 
+    /// Whether read models fold in this process (`crm serve`), so there is
+    /// a projection status to wait on.
+    pub fn folds(&self) -> bool {
+        self.process == Process::Serve
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }

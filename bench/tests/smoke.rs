@@ -31,6 +31,9 @@ fn every_scenario_runs_and_reports_without_errors() {
         "direct insert, 1 row/tx, position from log_head",
         "reading the log alone as a rebuild does",
         "(b) Opportunity updates by stream length",
+        "crm serve HTTP, 10 events/stream",
+        "crm command-service alone HTTP, 10 events/stream",
+        "crm command-service alone: commands/s vs cqrs-es at 10-event streams",
         "crm serve on embedded SQLite",
         "## Targets",
     ] {
